@@ -1,0 +1,73 @@
+"""Builds vitfast and its C++/CUDA extension vitfast._C.
+
+CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*) are built when
+the installed torch is a CUDA build and nvcc is found; VITFAST_BUILD_CUDA=0|1 forces the choice.
+Triton kernels in kernels/ are installed as the subpackage vitfast.kernels.
+
+Install (no build isolation: the extension compiles against the torch already installed):
+    pip install --no-build-isolation -e ".[dev]"
+"""
+import glob
+import os
+import shutil
+import sysconfig
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("VITFAST_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
+
+
+def _pip_cuda_include_dirs():
+    """CUDA headers shipped by the nvidia-* wheels (ATen's CUDA headers need cusparse.h from there)."""
+    site = sysconfig.get_paths()["purelib"]
+    return [d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d)]
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    ldflags = ["-fopenmp"]
+    if not _want_cuda():
+        return CppExtension("vitfast._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=ldflags, py_limited_api=True)
+    # sm_80 and sm_90a cubins plus sm_90 PTX for newer GPUs; override with TORCH_CUDA_ARCH_LIST.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+    return CUDAExtension(
+        "vitfast._C",
+        sources + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
+        include_dirs=_pip_cuda_include_dirs(),
+        define_macros=[("VITFAST_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=ldflags,
+        py_limited_api=True,
+    )
+
+
+setup(
+    name="vitfast",
+    version="0.1.0",
+    description="Fused kernels and training scripts for self-supervised Vision Transformers on small data",
+    packages=find_packages(include=["vitfast", "vitfast.*"]) + ["vitfast.kernels"],
+    package_dir={"vitfast.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "triton>=3.2; platform_system == 'Linux'"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
+        "xformers": ["xformers"],
+    },
+)

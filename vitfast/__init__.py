@@ -1,0 +1,8 @@
+"""vitfast: fused kernels and training scripts for self-supervised Vision Transformers on small data."""
+import torch  # noqa: F401  (vitfast._C registers its ops into torch's dispatcher)
+
+from . import ops
+from .ops import available_backends
+
+__version__ = "0.1.0"
+__all__ = ["ops", "available_backends", "__version__"]

@@ -1,0 +1,13 @@
+"""Fused ops. Each op lives in its own module with its reference; importing it registers it.
+
+``available_backends(op=None)`` lists the backends usable on this install.
+"""
+from ._backend import ENV_VAR, available_backends
+from .masked_patch_embed import masked_patch_embed, masked_patch_embed_reference
+from .masking import corrupt_positions, random_masking
+
+__all__ = [
+    "ENV_VAR", "available_backends",
+    "masked_patch_embed", "masked_patch_embed_reference",
+    "random_masking", "corrupt_positions",
+]
