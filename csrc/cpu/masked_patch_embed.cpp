@@ -91,7 +91,7 @@ at::Tensor forward(const at::Tensor& images, const at::Tensor& weight, const std
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "masked_patch_embed_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_options = images.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor weight_t = weight.to(acc_options.dtype()).t().contiguous();  // [C*p*p, D]
+    const at::Tensor weight_t = weight.detach().to(acc_options.dtype()).t().contiguous();  // [C*p*p, D]
     const at::Tensor bias_acc = has_bias ? bias->to(acc_options.dtype()).contiguous() : at::Tensor();
     const at::Tensor pos_acc = has_pos ? pos_embed->contiguous() : at::Tensor();
     const int64_t per_tile = images_per_tile(g);
@@ -145,7 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       d_pos = d_pos.to(images.scalar_type());
     }
     if (!need_images && !need_weight) return;
-    const at::Tensor weight_acc = weight.to(acc_dtype).contiguous();  // [D, C*p*p]
+    // detach(): out= GEMMs refuse inputs flagged requires_grad, even below autograd.
+    const at::Tensor weight_acc = weight.detach().to(acc_dtype).contiguous();  // [D, C*p*p]
     const int64_t per_tile = images_per_tile(g);
     const int64_t tiles = (g.batch + per_tile - 1) / per_tile;
     // Per-thread partial weight gradients, summed at the end (deterministic for a fixed thread count).

@@ -107,21 +107,29 @@ class Backends:
 
     def select(self, device: torch.device, requested: Optional[str] = None) -> str:
         """Resolve the backend for a call on ``device``; warn once when a request cannot be met."""
-        requested = requested or os.environ.get(ENV_VAR) or None
-        if requested is not None:
-            requested = requested.lower()
-            if requested not in BACKENDS:
-                raise ValueError(f"backend must be one of {BACKENDS} (argument or {ENV_VAR}), got {requested!r}")
-            if self.runs_on(requested, device):
-                return requested
-        preference = _PREFERENCE.get(device.type, ("torch",))
-        chosen = next((n for n in preference if self.runs_on(n, device)), "torch")
-        if requested is not None:
-            _warn_fallback(self.op_name, requested, chosen, device.type)
-        return chosen
+        return _select(self.op_name, device.type, requested)
 
     def __call__(self, name: str):
         return self.impls[name]
+
+
+# Under torch.compile the choice is made once while tracing and baked into the graph.
+@torch.compiler.assume_constant_result
+def _select(op_name: str, device_type: str, requested: Optional[str]) -> str:
+    table = _REGISTRY[op_name]
+    device = torch.device(device_type)
+    requested = requested or os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        requested = requested.strip().lower()
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (argument or {ENV_VAR}), got {requested!r}")
+        if table.runs_on(requested, device):
+            return requested
+    preference = _PREFERENCE.get(device_type, ("torch",))
+    chosen = next((n for n in preference if table.runs_on(n, device)), "torch")
+    if requested is not None:
+        _warn_fallback(op_name, requested, chosen, device_type)
+    return chosen
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +138,7 @@ def _warn_fallback(op_name: str, requested: str, chosen: str, device_type: str) 
         f"vitfast.ops.{op_name}: backend {requested!r} is not available for {device_type} tensors here; "
         f"falling back to {chosen!r} (vitfast.ops.available_backends() lists what is installed)",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
