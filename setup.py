@@ -14,17 +14,38 @@ import sysconfig
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """A CUDA toolkit root holding both bin/nvcc and include/cuda_runtime.h.
+
+    torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script outside
+    the toolkit (e.g. /usr/local/bin/nvcc): the host compiler then misses crt/host_defines.h.
+    """
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for root in filter(None, candidates):
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+if "CUDA_HOME" not in os.environ and _find_cuda_home():
+    os.environ["CUDA_HOME"] = _find_cuda_home()  # read by torch.utils.cpp_extension at import
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _want_cuda() -> bool:
     forced = os.environ.get("VITFAST_BUILD_CUDA")
     if forced is not None:
         return forced == "1"
-    return torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
+    return torch.version.cuda is not None and CUDA_HOME is not None
 
 
 def _pip_cuda_include_dirs():
@@ -41,8 +62,9 @@ def _extension():
     if not _want_cuda():
         return CppExtension("vitfast._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=ldflags, py_limited_api=True)
-    # sm_80 and sm_90a cubins plus sm_90 PTX for newer GPUs; override with TORCH_CUDA_ARCH_LIST.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    # sm_80 and sm_90a cubins, plus sm_90 PTX that newer GPUs can JIT ("a" targets are not
+    # forward-compatible); override with TORCH_CUDA_ARCH_LIST.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;9.0+PTX")
     nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
     return CUDAExtension(
         "vitfast._C",
