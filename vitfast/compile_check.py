@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = (80, 90)  # compute capabilities; Triton and nvcc use sm_90a for 90
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]  # as setup.py builds csrc/cuda
+NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]  # as setup.py builds csrc/cuda
 
 _SASS_TC = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA|QMMA|UTCHMMA|UTCQMMA)\b")
 _PTX_TC = (("wgmma", re.compile(r"\bwgmma\.mma_async\b")), ("mma", re.compile(r"\bmma\.sync\b")))
