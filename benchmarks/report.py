@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv):
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "bench.json")
-        targets = argv or [HERE]
+        targets = [os.path.abspath(a) if os.path.exists(a) else a for a in argv] or [HERE]
         code = subprocess.call([sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider",
                                 f"--benchmark-json={out}", "--benchmark-columns=min,median,rounds"], cwd=HERE)
         if code != 0:
