@@ -22,4 +22,24 @@ TORCH_LIBRARY(vitfast_C, m) {
   m.def("masked_patch_embed_backward(Tensor grad_tokens, Tensor images, Tensor weight, Tensor keep_idx, "
         "Tensor pos_idx, int patch_size, int num_positions, bool[4] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // masked_pixel_loss: pred [B,N,p*p*C], images [B,C,H,W] (pred's dtype, or float32 with an fp16/bf16 pred),
+  // mask [B,N] float32 (float64 for float64 pred) -> (loss [] in the promoted dtype of pred and images,
+  // stats [B,N,2] = per-patch (mean, 1/sqrt(var + 1e-6)) in mask's dtype, 0 for unmasked patches; [0] without
+  // norm_pix). No [B,N,p*p*C] target is materialised.
+  m.def("masked_pixel_loss_forward(Tensor pred, Tensor images, Tensor mask, int patch_size, bool norm_pix) "
+        "-> (Tensor, Tensor)");
+  // d_pred [B,N,p*p*C] (pred's dtype), the target recomputed from images and the forward's stats.
+  m.def("masked_pixel_loss_backward(Tensor grad_loss, Tensor pred, Tensor images, Tensor mask, Tensor stats, "
+        "int patch_size, bool norm_pix) -> Tensor");
+
+  // relation_loss: q, k [B,N,C,d_h] (one dtype), positions [B,N] int64? (null: identity order), targets [B,N,N]
+  // int64? (null: 9 direction classes from positions on a grid_size x grid_size grid), pair_mask [N,N]/[B,N,N] bool?
+  // -> (loss [] opmath dtype, accuracy [] float32, count [] int64 = selected pairs). No [B,C,N,N] logits stored.
+  m.def("relation_loss_forward(Tensor q, Tensor k, Tensor? positions, Tensor? targets, Tensor? pair_mask, "
+        "int grid_size, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  // (d_q, d_k) in q's dtype, the logits recomputed per tile; an output whose output_mask entry is false is empty.
+  m.def("relation_loss_backward(Tensor grad_loss, Tensor count, Tensor q, Tensor k, Tensor? positions, "
+        "Tensor? targets, Tensor? pair_mask, int grid_size, float label_smoothing, bool[2] output_mask) "
+        "-> (Tensor, Tensor)");
 }

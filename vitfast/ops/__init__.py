@@ -4,10 +4,12 @@
 """
 from ._backend import ENV_VAR, available_backends
 from .masked_patch_embed import masked_patch_embed, masked_patch_embed_reference
+from .masked_pixel_loss import MaskedPixelLoss, masked_pixel_loss, masked_pixel_loss_reference
 from .masking import corrupt_positions, random_masking
 
 __all__ = [
     "ENV_VAR", "available_backends",
     "masked_patch_embed", "masked_patch_embed_reference",
+    "masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss",
     "random_masking", "corrupt_positions",
 ]
