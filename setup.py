@@ -87,7 +87,14 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "triton>=3.2; platform_system == 'Linux'"],
+    install_requires=[
+        "torch>=2.6", "numpy", "triton>=3.2; platform_system == 'Linux'",
+        "scikit-learn",  # the embedded `digits` dataset, k-means for clustering accuracy
+        "scipy",         # Hungarian matching (clustering accuracy), SVHN's .mat files
+        "pillow",        # ImageFolder datasets
+        "matplotlib",    # PNG curves in every run folder
+        "tqdm",          # progress bars
+    ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
         "xformers": ["xformers"],

@@ -1,0 +1,69 @@
+"""Method building blocks: MAE's decoder unshuffle, supervised mixing, weight-decay groups."""
+import torch
+
+from vitfast.config import build_config
+from vitfast.methods import MAE, DataInfo, Supervised
+from vitfast.methods.supervised import mix_batch, random_erasing
+from vitfast.nn.mae_decoder import MAEDecoder
+from vitfast.ops import random_masking
+
+DATA = DataInfo(channels=1, image_size=32, num_classes=10, mean=(0.5,), std=(0.25,))
+
+
+def test_mae_decoder_puts_every_token_back_in_its_cell():
+    """With no decoder blocks, output n is pred(norm(embed(token of n) or mask_token, + pos[n]))."""
+    torch.manual_seed(0)
+    decoder = MAEDecoder(num_patches=16, patch_size=4, in_chans=1, encoder_dim=8, decoder_dim=8, depth=0, num_heads=2)
+    keep_idx, ids_restore, mask = random_masking(3, 16, 0.75)
+    tokens = torch.randn(3, 1 + keep_idx.shape[1], 8)
+    out = decoder(tokens, ids_restore)
+    head = lambda x: decoder.decoder_pred(decoder.decoder_norm(x))
+    pos = decoder.decoder_pos_embed[0, 1:]
+    for b in range(3):
+        for slot, n in enumerate(keep_idx[b].tolist()):
+            torch.testing.assert_close(out[b, n], head(decoder.decoder_embed(tokens[b, 1 + slot]) + pos[n]))
+        for n in torch.nonzero(mask[b]).flatten().tolist():
+            torch.testing.assert_close(out[b, n], head(decoder.mask_token[0, 0] + pos[n]))
+
+
+def test_mae_step_and_no_decay_groups():
+    config = build_config("mae", "quick", embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1)
+    method = MAE(config, DATA)
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    loss, _ = method(images, torch.zeros(4, dtype=torch.int64), torch.arange(4), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.item() > 0 and method.model.patch_embed.proj.weight.grad is not None
+    decay, no_decay = method.param_groups()
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(method.decoder.mask_token) in no_decay_ids and id(method.model.cls_token) in no_decay_ids
+    assert id(method.model.blocks[0].attn.qkv.weight) in {id(p) for p in decay["params"]}
+    assert all(p.requires_grad for g in (decay, no_decay) for p in g["params"])  # frozen sin-cos tables excluded
+
+
+def test_mixup_and_cutmix_keep_label_mass():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 1, 32, 32)
+    targets = torch.nn.functional.one_hot(torch.arange(8) % 10, 10).float()
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+        mixed, soft = mix_batch(images, targets, mixup, cutmix, gen)
+        assert mixed.shape == images.shape
+        torch.testing.assert_close(soft.sum(1), torch.ones(8))
+    same, same_targets = mix_batch(images, targets, 0.0, 0.0, gen)
+    assert same is images and same_targets is targets
+
+
+def test_random_erasing_probability_extremes():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 32, 32)
+    assert torch.equal(random_erasing(images, 0.0, gen), images)
+    erased = random_erasing(images, 1.0, gen)
+    changed = (erased != images).flatten(1).any(1)
+    assert changed.all()
+
+
+def test_supervised_step_reports_accuracy():
+    config = build_config("supervised", "quick", embed_dim=32, depth=1, num_heads=2)
+    method = Supervised(config, DATA)
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    loss, metrics = method(images, torch.arange(4), torch.arange(4), torch.Generator().manual_seed(0))
+    assert loss.item() > 0 and 0.0 <= metrics["train_accuracy"] <= 1.0

@@ -1,0 +1,309 @@
+"""The shared training engine: one loop for every method.
+
+It owns the device, the data, the optimizer and its schedule, mixed precision, DDP, the run folder
+(config, metrics CSV, atomic checkpoints with exact resume, summary JSON, plots) and the final
+evaluation. A method (vitfast.methods) only defines its model, views and loss.
+
+Run folder:
+    config.json          the resolved configuration
+    metrics.csv          one row per epoch
+    checkpoint-last.pt   model, optimizer, scaler, step, data position, every RNG state (atomic write)
+    summary.json         final metrics (and the random-init baseline for self-supervised methods)
+    loss.png, accuracy.png
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import augment, load_splits
+from .data.loader import BatchLoader
+from .distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
+from .methods import METHODS, DataInfo
+
+CHECKPOINT = "checkpoint-last.pt"
+FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is visible")
+    return device
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, **kwargs)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = c = config
+        self.device = resolve_device(c.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if c.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
+        self.out = c.out or os.path.join("runs", f"{c.method}-{c.dataset.replace(':', '_').replace('/', '_')}-"
+                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
+        self.splits = load_splits(c.dataset, root=c.data_root, download=c.download, seed=c.seed)
+        train = self.splits["train"]
+        self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],
+                                  num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))
+        if c.method not in METHODS:
+            raise ValueError(f"unknown method {c.method!r}; available: {sorted(METHODS)}")
+        torch.manual_seed(c.seed)  # identical initial weights on every rank
+        self.method = METHODS[c.method](c, self.data_info).to(self.device)
+        if c.init:
+            self._load_init(c.init)
+        self.model = (DistributedDataParallel(self.method, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None) if self.dist.enabled else self.method)
+        self.loader = BatchLoader(train, c.batch_size, shuffle=True, drop_last=True, seed=c.seed, device=self.device,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        self.generator = torch.Generator(self.device).manual_seed(c.seed * 1_000_003 + self.dist.rank)
+        global_batch = c.batch_size * self.dist.world_size
+        self.peak_lr = c.lr if c.lr is not None else c.base_lr * global_batch / 256
+        self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = c.epochs * self.steps_per_epoch
+        self.step = 0
+        self.history: List[Dict] = []
+        self.baseline: Dict = {}
+        self.epoch_sums: Dict[str, float] = {}  # running metric sums of the current epoch (saved: exact resume)
+        self.epoch_count = 0
+        self.epoch_seconds = 0.0
+        self.eval_transform = augment.eval_transform(self.data_info.image_size, self.data_info.mean, self.data_info.std)
+
+    # ----------------------------------------------------------------------------- schedule
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to min_lr (per step)."""
+        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        if step < warmup:
+            return self.peak_lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return self.config.min_lr + (self.peak_lr - self.config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict:
+        return {
+            "format": FORMAT, "config": self.config.to_dict(), "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+            "loader": self.loader.state_dict(), "rng": ckpt.rng_state({"augment": self.generator}),
+            "history": self.history, "baseline": self.baseline,
+            "epoch_progress": {"sums": self.epoch_sums, "count": self.epoch_count, "seconds": self.epoch_seconds},
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            ckpt.atomic_save(self.state_dict(), os.path.join(self.out, CHECKPOINT))
+
+    def load_checkpoint(self, path: str) -> None:
+        state = ckpt.load(path, map_location=self.device)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"], {"augment": self.generator})
+        self.history, self.baseline = state["history"], state["baseline"]
+        progress = state["epoch_progress"]
+        self.epoch_sums, self.epoch_count, self.epoch_seconds = progress["sums"], progress["count"], progress["seconds"]
+
+    def _load_init(self, path: str) -> None:
+        """Initialise the encoder from another run (fine-tuning): a run folder or a checkpoint file."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CHECKPOINT)
+        state = ckpt.load(path)["method"]
+        encoder = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        own = self.method.encoder.state_dict()
+        loadable = {k: v for k, v in encoder.items() if k in own and own[k].shape == v.shape and not k.startswith("head.")}
+        if not loadable:
+            raise RuntimeError(f"{path} holds no encoder weights that fit this model")
+        self.method.encoder.load_state_dict(loadable, strict=False)
+        self.init_report = {"loaded": len(loadable), "skipped": sorted(set(own) - set(loadable))}
+
+    # ----------------------------------------------------------------------------- loop
+    def autocast(self):
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, images, labels, indices) -> Dict[str, float]:
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with self.autocast():
+            loss, metrics = self.model(images, labels, indices, self.generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; last checkpoint: "
+                                     f"{os.path.join(self.out, CHECKPOINT)} (try a lower --lr or --precision fp32)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.method.after_step(self.step, self.total_steps)
+        return {"loss": loss.item(), "lr": lr, **metrics}
+
+    def fit(self) -> Dict:
+        c = self.config
+        path = os.path.join(self.out, CHECKPOINT)
+        if c.resume:
+            self.load_checkpoint(path)
+            self._log(f"resumed {path} at step {self.step} (epoch {self.loader.epoch}, batch {self.loader.batch})")
+        else:
+            if self.dist.is_main:
+                os.makedirs(self.out, exist_ok=True)
+                with open(os.path.join(self.out, "config.json"), "w") as f:
+                    f.write(c.to_json())
+            self.baseline = self._baseline_metrics()
+        stopped = False
+        while self.loader.epoch < c.epochs and not stopped:
+            epoch = self.loader.epoch
+            started = time.perf_counter()
+            batches = _progress(self.loader, c.progress and self.dist.is_main, desc=f"epoch {epoch + 1}/{c.epochs}",
+                                total=len(self.loader), initial=self.loader.batch, leave=False)
+            for images, labels, indices in batches:
+                metrics = self.train_step(images, labels, indices)
+                for k, v in metrics.items():
+                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+                self.epoch_count += 1
+                if hasattr(batches, "set_postfix"):
+                    batches.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if c.max_steps is not None and self.step >= c.max_steps:
+                    stopped = True
+                    break
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self.epoch_seconds += time.perf_counter() - started
+            if stopped and self.loader.epoch == epoch:
+                break  # mid-epoch stop: the checkpoint below resumes at the next batch
+            self._end_epoch(epoch)
+        self.save_checkpoint()
+        barrier(self.dist)
+        if stopped:
+            self._log(f"stopped at step {self.step} (--max-steps); resume with --resume --out {self.out}")
+            return {"stopped_at_step": self.step}
+        summary = self._final_evaluation()
+        shutdown(self.dist)
+        return summary
+
+    def _end_epoch(self, epoch: int) -> None:
+        count, seconds = max(1, self.epoch_count), self.epoch_seconds
+        row = mean_over_ranks({k: v / count for k, v in self.epoch_sums.items()}, self.dist)
+        row = {"epoch": epoch + 1, "step": self.step, **row, "seconds": seconds,
+               "images_per_second": self.epoch_count * self.config.batch_size * self.dist.world_size / max(seconds, 1e-9)}
+        self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
+        if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0 and self.dist.is_main:
+            row["knn_accuracy"] = self._knn()
+        self.history.append(row)
+        self.save_checkpoint()
+        if self.dist.is_main:
+            self._write_metrics()
+            self._log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    # ----------------------------------------------------------------------------- evaluation
+    def _knn(self) -> float:
+        from .eval import evaluate_representation
+        result = evaluate_representation(self.method.features, self.splits, transform=self.eval_transform,
+                                         device=self.device, knn_k=self.config.knn_k, which=("knn",))
+        return result["knn_accuracy"]
+
+    def _baseline_metrics(self) -> Dict:
+        """k-NN accuracy of the encoder at its random initialisation (self-supervised methods' yardstick)."""
+        if self.config.method == "supervised" or not self.dist.is_main or not self._metrics():
+            return {}
+        return {"random_init_knn_accuracy": self._knn()}
+
+    def _metrics(self):
+        return tuple(m.strip() for m in self.config.metrics.split(",") if m.strip())
+
+    def _final_evaluation(self) -> Dict:
+        summary = {"method": self.config.method, "dataset": self.config.dataset, "preset": self.config.preset,
+                   "steps": self.step, "epochs": self.config.epochs, "run_dir": self.out, **self.baseline}
+        if self.history:
+            summary["final_train_loss"] = self.history[-1]["loss"]
+            summary["train_seconds"] = sum(r["seconds"] for r in self.history)
+        if self.dist.is_main:
+            self.method.eval()
+            summary.update(self.method.evaluate(self.splits, self.eval_transform, self.device, self.config.progress))
+            if self._metrics():
+                from .eval import evaluate_representation
+                summary.update(evaluate_representation(
+                    self.method.features, self.splits, transform=self.eval_transform, device=self.device,
+                    knn_k=self.config.knn_k, probe_epochs=self.config.probe_epochs, progress=self.config.progress,
+                    which=self._metrics()))
+            probe = summary.get("linear_probe")
+            if isinstance(probe, dict):
+                probe.pop("history", None)  # per-lr curves: too long for a summary
+            with open(os.path.join(self.out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=float)
+            self._plot()
+            self._log("final evaluation:\n" + json.dumps(summary, indent=2, default=float))
+        return summary
+
+    # ----------------------------------------------------------------------------- outputs
+    def _write_metrics(self) -> None:
+        columns: List[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        tmp = os.path.join(self.out, ".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, os.path.join(self.out, "metrics.csv"))
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self._log("matplotlib is not installed: no plots")
+            return
+        for name, keys in (("loss", ["loss"]), ("accuracy", ["train_accuracy", "knn_accuracy"])):
+            present = [k for k in keys if any(k in r for r in self.history)]
+            if not present:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for key in present:
+                points = [(r["epoch"], r[key]) for r in self.history if key in r]
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(name)
+            ax.set_title(f"{self.config.method} on {self.config.dataset}")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(os.path.join(self.out, f"{name}.png"), dpi=100)
+            plt.close(fig)
+
+    def _log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(f"[vitfast] {message}", flush=True)

@@ -1,0 +1,82 @@
+"""The contract between a training method and the shared engine (vitfast.engine).
+
+A method is an ``nn.Module`` that owns every trainable module of its stage. The engine moves it to
+the device, wraps it in DDP, builds the optimizer from ``param_groups``, runs the loop, checkpoints,
+and calls ``evaluate`` at the end. A method defines its model, its views and its loss — no loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TrainConfig
+from ..nn import ViT
+
+
+@dataclass
+class DataInfo:
+    """What a method needs to know of the dataset."""
+
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+class Method(nn.Module):
+    name = "method"
+
+    def __init__(self, config: TrainConfig, data: DataInfo):
+        super().__init__()
+        self.config, self.data = config, data
+
+    def build_encoder(self, num_classes: int = 0, pos_embed: str = "learned", **kwargs) -> ViT:
+        c = self.config
+        overrides = dict(img_size=self.data.image_size, in_chans=self.data.channels, num_classes=num_classes,
+                         drop_path_rate=c.drop_path, pos_embed_kind=pos_embed, global_pool=c.global_pool, **kwargs)
+        for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size"):
+            if getattr(c, key) is not None:
+                overrides[key] = getattr(c, key)
+        return ViT.from_config(c.model, **overrides)
+
+    @property
+    def encoder(self) -> ViT:
+        """The backbone whose features are evaluated (k-NN, linear probe, clustering)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, labels: Tensor, indices: Tensor, generator: torch.Generator
+                ) -> Tuple[Tensor, Dict[str, float]]:
+        """One training step's loss on a uint8 batch [B, C, H, W] on the device, plus scalar metrics."""
+        raise NotImplementedError
+
+    def param_groups(self) -> List[Dict]:
+        """AdamW groups: no weight decay on biases, norms, tokens and position embeddings."""
+        decay, no_decay = [], []
+        skip = set()
+        for module in self.modules():
+            if hasattr(module, "no_weight_decay") and module is not self:
+                prefix = next(n for n, m in self.named_modules() if m is module)
+                skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(param)
+        return [{"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Hook after each optimizer step (EMA teachers, schedules)."""
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Pooled encoder features [B, D] of a normalised float batch."""
+        tokens = self.encoder.forward_features(images)
+        return self.encoder.forward_head(tokens, pre_logits=True)
+
+    def evaluate(self, splits, transform, device, progress: bool) -> Dict:
+        """Method-specific final metrics (the engine adds the representation metrics)."""
+        return {}
