@@ -3,7 +3,8 @@
     python benchmarks/report.py [pytest args, e.g. benchmarks/test_masked_patch_embed.py]
 
 Per group: min and median time, the ratio of every implementation's median to the first
-(vitfast) row's median, and peak memory (torch profiler timeline, see _measure.py).
+(vitfast) row's median, peak memory (torch profiler timeline, see _measure.py), and images/s
+(a column only in groups whose benchmarks record extra_info["images_per_second"]).
 """
 import json
 import os
@@ -33,13 +34,17 @@ def main(argv):
     for group, benches in groups.items():
         base = benches[0]["stats"]["median"]
         print(f"\n{group}\n")
-        print("| implementation | min (ms) | median (ms) | median / vitfast | peak memory (MiB) |")
-        print("|---|---:|---:|---:|---:|")
+        rate = any("images_per_second" in b["extra_info"] for b in benches)
+        print("| implementation | min (ms) | median (ms) | median / vitfast | peak memory (MiB) |"
+              + (" images/s |" if rate else ""))
+        print("|---|---:|---:|---:|---:|" + ("---:|" if rate else ""))
         for b in benches:
             s = b["stats"]
             name = b["param"] if b.get("param") else b["name"]
             peak = b["extra_info"].get("peak_memory_bytes", 0) / 2**20
-            print(f"| {name} | {s['min'] * 1e3:.2f} | {s['median'] * 1e3:.2f} | {s['median'] / base:.2f}x | {peak:.1f} |")
+            ips = b["extra_info"].get("images_per_second")
+            print(f"| {name} | {s['min'] * 1e3:.2f} | {s['median'] * 1e3:.2f} | {s['median'] / base:.2f}x | {peak:.1f} |"
+                  + ((f" {ips:.1f} |" if ips is not None else " |") if rate else ""))
     return 0
 
 

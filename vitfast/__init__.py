@@ -1,8 +1,9 @@
 """vitfast: fused kernels and training scripts for self-supervised Vision Transformers on small data."""
 import torch  # noqa: F401  (vitfast._C registers its ops into torch's dispatcher)
 
-from . import ops
+from . import nn, ops
+from .nn import RelationHead, ViT
 from .ops import available_backends
 
 __version__ = "0.1.0"
-__all__ = ["ops", "available_backends", "__version__"]
+__all__ = ["nn", "ops", "RelationHead", "ViT", "available_backends", "__version__"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +34,64 @@ from .methods import METHODS, DataInfo
 
 CHECKPOINT = "checkpoint-last.pt"
 FORMAT = 1
+
+
+def default_run_dir(config: TrainConfig) -> str:
+    dataset = config.dataset.replace(":", "_").replace("/", "_")
+    return os.path.join("runs", f"{config.method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run(config: TrainConfig) -> Dict:
+    """Train a method: one Trainer, or for multi-stage methods one per stage in ``<out>/<stage>``.
+
+    A stage listed in the method's ``stage_init`` starts from the encoder of that earlier stage. With
+    ``resume``, finished stages (summary.json present) are skipped and an interrupted one continues.
+    """
+    method = METHODS[config.method]
+    if config.stage:  # one stage, in --out itself; its init defaults to the sibling folder of its source stage
+        source = method.stage_init.get(config.stage)
+        out = config.out or default_run_dir(config)
+        sibling = os.path.join(os.path.dirname(os.path.abspath(out)), source or "")
+        if source and not config.init:
+            if not os.path.isfile(os.path.join(sibling, CHECKPOINT)):
+                raise SystemExit(f"stage {config.stage} starts from the {source} stage: pass --init RUN_DIR "
+                                 f"(looked for {sibling})")
+            config = dataclasses.replace(config, init=sibling)
+        values = {**config.to_dict(), **config.stage_overrides.get(config.stage, {}), "out": out,
+                  "init": config.init, "resume": config.resume}
+        values["betas"] = tuple(values["betas"])
+        return Trainer(TrainConfig(**values)).fit()
+    if not method.stages:
+        return Trainer(config).fit()
+    root = config.out or default_run_dir(config)
+    os.makedirs(root, exist_ok=True)
+    if not config.resume:
+        with open(os.path.join(root, "config.json"), "w") as f:
+            f.write(dataclasses.replace(config, out=root).to_json())
+    summaries = {}
+    for stage in method.stages:
+        values = {**config.to_dict(), **config.stage_overrides.get(stage, {}), "stage": stage,
+                  "out": os.path.join(root, stage)}
+        values["betas"] = tuple(values["betas"])
+        source = method.stage_init.get(stage)
+        if source and not config.init:
+            values["init"] = os.path.join(root, source)
+        done = os.path.join(values["out"], "summary.json")
+        if config.resume and os.path.isfile(done):
+            with open(done) as f:
+                summaries[stage] = json.load(f)
+            continue
+        values["resume"] = config.resume and os.path.isfile(os.path.join(values["out"], CHECKPOINT))
+        summaries[stage] = Trainer(TrainConfig(**values)).fit()
+        if "stopped_at_step" in summaries[stage]:
+            return summaries[stage]
+    summary = {"method": config.method, "dataset": config.dataset, "run_dir": root, "stages": summaries}
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    lines = [f"  {stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in s.items() if k.endswith("accuracy")
+                                         and isinstance(v, float)) for stage, s in summaries.items()]
+    print("[vitfast] stages:\n" + "\n".join(lines), flush=True)
+    return summary
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,8 +122,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         if c.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
-        self.out = c.out or os.path.join("runs", f"{c.method}-{c.dataset.replace(':', '_').replace('/', '_')}-"
-                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
+        self.out = c.out or default_run_dir(c)
         self.splits = load_splits(c.dataset, root=c.data_root, download=c.download, seed=c.seed)
         train = self.splits["train"]
         self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],

@@ -83,6 +83,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved.update({k: overrides[k] for k in changeable if overrides.get(k) is not None})
         saved["max_steps"] = overrides.get("max_steps")
         saved["betas"] = tuple(saved["betas"])
+        if overrides.get("stage"):
+            saved["stage"] = overrides["stage"]
         return TrainConfig(**saved)
     try:
         return build_config(args.method, args.preset, **overrides)
@@ -96,8 +98,8 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
-    from .engine import Trainer  # torch and the data stack load only when training
-    Trainer(config).fit()
+    from .engine import run  # torch and the data stack load only when training
+    run(config)
     return 0
 
 

@@ -29,6 +29,8 @@ class DataInfo:
 
 class Method(nn.Module):
     name = "method"
+    stages: Tuple[str, ...] = ()       # multi-stage methods: the stages one command runs, in order
+    stage_init: Dict[str, str] = {}    # stage -> the stage whose encoder initialises it
 
     def __init__(self, config: TrainConfig, data: DataInfo):
         super().__init__()

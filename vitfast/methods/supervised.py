@@ -93,15 +93,20 @@ class Supervised(Method):
         accuracy = (logits.argmax(1) == labels).float().mean()
         return loss, {"train_accuracy": accuracy.item()}
 
-    @torch.no_grad()
     def evaluate(self, splits, transform, device, progress: bool) -> Dict:
-        self.model.eval()
-        result = {}
-        for split in ("val", "test"):
-            data = splits[split]
-            correct = 0
-            for start in range(0, len(data.labels), 512):
-                images = transform(data.images[start:start + 512].to(device))
-                correct += (self.model(images).argmax(1).cpu() == data.labels[start:start + 512]).sum().item()
-            result[f"{split}_accuracy"] = correct / max(1, len(data.labels))
-        return result
+        return classification_accuracy(self.model, splits, transform, device)
+
+
+@torch.no_grad()
+def classification_accuracy(model, splits, transform, device, batch_size: int = 512) -> Dict[str, float]:
+    """Top-1 accuracy of a classifier on the val and test splits (the model as it is: no selection on test)."""
+    model.eval()
+    result = {}
+    for split in ("val", "test"):
+        data = splits[split]
+        correct = 0
+        for start in range(0, len(data.labels), batch_size):
+            images = transform(data.images[start:start + batch_size].to(device))
+            correct += (model(images).argmax(1).cpu() == data.labels[start:start + batch_size]).sum().item()
+        result[f"{split}_accuracy"] = correct / max(1, len(data.labels))
+    return result

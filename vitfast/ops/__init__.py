@@ -6,10 +6,12 @@ from ._backend import ENV_VAR, available_backends
 from .masked_patch_embed import masked_patch_embed, masked_patch_embed_reference
 from .masked_pixel_loss import MaskedPixelLoss, masked_pixel_loss, masked_pixel_loss_reference
 from .masking import corrupt_positions, random_masking
+from .relation_loss import relation_logits, relation_loss, relation_loss_reference, relation_targets
 
 __all__ = [
     "ENV_VAR", "available_backends",
     "masked_patch_embed", "masked_patch_embed_reference",
     "masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss",
+    "relation_loss", "relation_loss_reference", "relation_logits", "relation_targets",
     "random_masking", "corrupt_positions",
 ]

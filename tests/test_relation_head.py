@@ -1,0 +1,56 @@
+"""RelationHead and the RelViT method: losses against a dense re-computation, stages end to end."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+from vitfast import RelationHead
+from vitfast.config import build_config
+from vitfast.engine import run
+from vitfast.ops import relation_logits, relation_targets
+
+
+def test_relation_head_matches_dense_computation():
+    torch.manual_seed(0)
+    head = RelationHead(embed_dim=36, grid_size=4)
+    tokens = torch.randn(2, 16, 36)
+    positions = torch.stack([torch.randperm(16), torch.arange(16)])  # shuffled tokens keep their cells
+    out = head(tokens, positions)
+    q = head.q_proj(tokens).view(2, 16, 9, 4)
+    k = head.k_proj(tokens).view(2, 16, 9, 4)
+    relation = F.cross_entropy(relation_logits(q, k), relation_targets(positions, 4))
+    absolute = F.cross_entropy(head.abs_pos(tokens).flatten(0, 1), positions.reshape(-1))
+    torch.testing.assert_close(out["relation_loss"], relation)
+    torch.testing.assert_close(out["absolute_loss"], absolute)
+    torch.testing.assert_close(out["loss"], relation + absolute)
+    out["loss"].backward()
+    assert head.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_relation_head_subset_needs_positions():
+    head = RelationHead(embed_dim=18, grid_size=4)
+    try:
+        head(torch.randn(1, 5, 18))
+    except ValueError as error:
+        assert "positions" in str(error)
+    else:
+        raise AssertionError("a 5-token subset without positions must be refused")
+
+
+def test_relvit_stages_run_in_one_command(tmp_path):
+    tiny = dict(embed_dim=36, depth=1, num_heads=2, patch_size=8, batch_size=32, progress=False, epochs=1,
+                max_steps=None)
+    config = build_config("relvit", "quick", out=str(tmp_path), **tiny)
+    assert config.stage_overrides["upstream"] == {"metrics": "knn"}  # the user's epochs win over the preset's
+    summary = run(config)
+    assert set(summary["stages"]) == {"upstream", "finetune", "scratch"}
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    for stage in ("finetune", "scratch"):
+        assert 0.0 <= stored["stages"][stage]["test_accuracy"] <= 1.0
+    assert "knn_accuracy" in stored["stages"]["upstream"]
+    finetune = torch.load(tmp_path / "finetune" / "checkpoint-last.pt", weights_only=False)
+    upstream = torch.load(tmp_path / "upstream" / "checkpoint-last.pt", weights_only=False)
+    assert "model.pos_embed" in finetune["method"] and "model.pos_embed" not in upstream["method"]
+    # Resuming a finished multi-stage run re-trains nothing.
+    resumed = run(build_config("relvit", "quick", out=str(tmp_path), resume=True, **tiny))
+    assert resumed["stages"] == summary["stages"]
