@@ -89,5 +89,5 @@ def test_mae_train_step(benchmark, monkeypatch, case):
                        "decoder 128x2x4h, fp32")
     benchmark.extra_info["backend"] = backend
     benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(step)
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=12, iterations=1, warmup_rounds=1)
     benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.median

@@ -21,6 +21,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_root: Optional[str] = None
     download: bool = False
+    image_size: Optional[int] = None       # resize the dataset's images (e.g. STL-10 96 px -> 64)
     # model (a vitfast.nn.VIT_CONFIGS name plus overrides)
     model: str = "tiny"
     embed_dim: Optional[int] = None

@@ -123,7 +123,8 @@ class Trainer:
         if c.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
         self.out = c.out or default_run_dir(c)
-        self.splits = load_splits(c.dataset, root=c.data_root, download=c.download, seed=c.seed)
+        self.splits = load_splits(c.dataset, root=c.data_root, download=c.download, seed=c.seed,
+                                  image_size=c.image_size)
         train = self.splits["train"]
         self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],
                                   num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))

@@ -20,8 +20,10 @@ from .config import PRESETS, TrainConfig, build_config, parse_value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.datasets import dataset_help
     parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="datasets:\n  " + dataset_help().replace("\n", "\n  "))
     parser.add_argument("--method", default="mae", choices=sorted(PRESETS),
                         help="training method (default: mae)")
     parser.add_argument("--preset", default="quick", choices=("quick", "paper"),
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "or imagefolder:/path/to/root")
     data.add_argument("--data-root", help="where torchvision datasets live (or are downloaded to)")
     data.add_argument("--download", action="store_true", help="allow downloading the dataset into --data-root")
+    data.add_argument("--image-size", type=int, help="resize the images to this side (default: the dataset's)")
     optim = parser.add_argument_group("optimisation (default: the preset's value)")
     optim.add_argument("--epochs", type=int)
     optim.add_argument("--batch-size", type=int, help="images per process")
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         "stage": args.stage, "dataset": args.dataset, "data_root": args.data_root, "download": args.download or None,
+        "image_size": args.image_size,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
         "mask_ratio": args.mask_ratio, "model": args.model, "patch_size": args.patch_size, "init": args.init,
         "out": args.out, "resume": args.resume or None, "precision": args.precision, "device": args.device,
