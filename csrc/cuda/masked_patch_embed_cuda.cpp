@@ -17,6 +17,7 @@
 #include <optional>
 #include <tuple>
 
+#include "glue.h"
 #include "masked_patch_embed.h"
 
 namespace vitfast {
@@ -24,22 +25,9 @@ namespace {
 
 namespace kern = vitfast::cuda;
 
-kern::DType kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return kern::DType::kFloat32;
-    case at::kHalf: return kern::DType::kFloat16;
-    case at::kBFloat16: return kern::DType::kBFloat16;
-    case at::kDouble: return kern::DType::kFloat64;
-    default: TORCH_CHECK(false, "masked_patch_embed (CUDA): unsupported dtype ", type,
-                         "; expected float16, bfloat16, float32 or float64");
-  }
-  return kern::DType::kFloat32;  // unreachable
-}
-
-void check_launch(int status, const char* kernel) {
-  TORCH_CHECK(status == 0, "masked_patch_embed (CUDA): ", kernel, " failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
+constexpr const char* kOp = "masked_patch_embed";
+kern::DType kernel_dtype(at::ScalarType type) { return glue::kernel_dtype(type, kOp); }
+void check_launch(int status, const char* kernel) { glue::check_launch(status, kOp, kernel); }
 
 // The accumulation dtype of the scatter-adds: fp32, or fp64 for fp64 inputs.
 at::ScalarType accum_type(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }

@@ -12,6 +12,7 @@
 
 #include <tuple>
 
+#include "glue.h"
 #include "masked_pixel_loss.h"
 
 namespace vitfast {
@@ -19,22 +20,9 @@ namespace {
 
 namespace kern = vitfast::cuda;
 
-kern::DType kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return kern::DType::kFloat32;
-    case at::kHalf: return kern::DType::kFloat16;
-    case at::kBFloat16: return kern::DType::kBFloat16;
-    case at::kDouble: return kern::DType::kFloat64;
-    default: TORCH_CHECK(false, "masked_pixel_loss (CUDA): unsupported dtype ", type,
-                         "; expected float16, bfloat16, float32 or float64");
-  }
-  return kern::DType::kFloat32;  // unreachable
-}
-
-void check_launch(int status, const char* kernel) {
-  TORCH_CHECK(status == 0, "masked_pixel_loss (CUDA): ", kernel, " failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
+constexpr const char* kOp = "masked_pixel_loss";
+kern::DType kernel_dtype(at::ScalarType type) { return glue::kernel_dtype(type, kOp); }
+void check_launch(int status, const char* kernel) { glue::check_launch(status, kOp, kernel); }
 
 struct Geometry {
   int64_t batch, channels, height, width, patch, num_patches, patch_len;
