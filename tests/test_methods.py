@@ -67,3 +67,12 @@ def test_supervised_step_reports_accuracy():
     images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     loss, metrics = method(images, torch.arange(4), torch.arange(4), torch.Generator().manual_seed(0))
     assert loss.item() > 0 and 0.0 <= metrics["train_accuracy"] <= 1.0
+
+
+def test_autoaugment_groups_keep_shape_and_dtype():
+    from vitfast.methods.supervised import autoaugment
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    out = autoaugment(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, images)

@@ -47,6 +47,7 @@ class TrainConfig:
     mixup: float = 0.0                     # mixup alpha (0 = off)
     cutmix: float = 0.0                    # cutmix alpha (0 = off)
     random_erasing: float = 0.0            # probability
+    autoaugment: bool = False              # torchvision's CIFAR-10 AutoAugment policy (one draw per group of 8 images)
     augment: str = "default"               # "default" (the method's recipe) or "none"
     # MAE
     mask_ratio: float = 0.75
@@ -89,7 +90,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # 100 epochs, 10 warm-up, mixup/cutmix, label smoothing 0.1, random erasing 0.25, drop-path 0.1.
         "paper": dict(model="small_data", epochs=100, batch_size=128, lr=1e-3, warmup_epochs=10, weight_decay=0.05,
                       label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25, drop_path=0.1,
-                      min_lr=1e-6),
+                      min_lr=1e-6, autoaugment=True),
     },
     "mae": {
         # The same small ViT as the supervised quick preset, decoder 64 wide x 2 blocks, 60 epochs on digits.

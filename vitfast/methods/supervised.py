@@ -68,6 +68,19 @@ def random_erasing(images: Tensor, probability: float, generator: torch.Generato
     return torch.where(inside.unsqueeze(1), noise, images)
 
 
+def autoaugment(images: Tensor, group: int = 8) -> Tensor:
+    """torchvision's CIFAR-10 AutoAugment policy on a uint8 batch [B, C, H, W].
+
+    torchvision draws one sub-policy per call, so the batch is cut into groups of ``group`` images that
+    each get their own draw (per-image calls cost ~17 ms each on a CPU: too slow for training). Randomness
+    comes from torch's global RNG, which the checkpoints save and restore.
+    """
+    from torchvision.transforms import v2
+
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    return torch.cat([policy(chunk) for chunk in images.split(group)])
+
+
 class Supervised(Method):
     name = "supervised"
 
@@ -84,6 +97,8 @@ class Supervised(Method):
 
     def forward(self, images, labels, indices, generator) -> Tuple[Tensor, Dict[str, float]]:
         c = self.config
+        if c.autoaugment:
+            images = autoaugment(images)
         x = self.train_views(images, generator)
         targets = F.one_hot(labels, self.data.num_classes).to(x.dtype)
         x, targets = mix_batch(x, targets, c.mixup, c.cutmix, generator)
