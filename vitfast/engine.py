@@ -41,56 +41,61 @@ def default_run_dir(config: TrainConfig) -> str:
     return os.path.join("runs", f"{config.method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _stage_config(config: TrainConfig, name: str, **changes) -> TrainConfig:
+    """The config of one stage: the run's values, the preset's per-stage values, then ``changes``."""
+    values = {**config.to_dict(), **config.stage_overrides.get(name, {}), **changes}
+    values["betas"] = tuple(values["betas"])
+    return TrainConfig(**values)
+
+
 def run(config: TrainConfig) -> Dict:
     """Train a method: one Trainer, or for multi-stage methods one per stage in ``<out>/<stage>``.
 
-    A stage listed in the method's ``stage_init`` starts from the encoder of that earlier stage. With
-    ``resume``, finished stages (summary.json present) are skipped and an interrupted one continues.
+    A stage listed in the method's ``stage_init`` starts from the encoder of that earlier stage; ``--init``
+    applies to the first stage only (a baseline stage such as RelViT's ``scratch`` always starts from
+    random weights). With ``resume``, finished stages (summary.json present) are skipped and an
+    interrupted one continues.
     """
     method = METHODS[config.method]
     if config.stage:  # one stage, in --out itself; its init defaults to the sibling folder of its source stage
         source = method.stage_init.get(config.stage)
         out = config.out or default_run_dir(config)
-        sibling = os.path.join(os.path.dirname(os.path.abspath(out)), source or "")
-        if source and not config.init:
-            if not os.path.isfile(os.path.join(sibling, CHECKPOINT)):
+        init = config.init
+        if source and not init:
+            init = os.path.join(os.path.dirname(os.path.abspath(out)), source)
+            if not os.path.isfile(os.path.join(init, CHECKPOINT)):
                 raise SystemExit(f"stage {config.stage} starts from the {source} stage: pass --init RUN_DIR "
-                                 f"(looked for {sibling})")
-            config = dataclasses.replace(config, init=sibling)
-        values = {**config.to_dict(), **config.stage_overrides.get(config.stage, {}), "out": out,
-                  "init": config.init, "resume": config.resume}
-        values["betas"] = tuple(values["betas"])
-        return Trainer(TrainConfig(**values)).fit()
+                                 f"(looked for {init})")
+        return Trainer(_stage_config(config, config.stage, out=out, init=init, resume=config.resume)).fit()
     if not method.stages:
         return Trainer(config).fit()
     root = config.out or default_run_dir(config)
-    os.makedirs(root, exist_ok=True)
-    if not config.resume:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not config.resume and is_main:
+        os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, "config.json"), "w") as f:
             f.write(dataclasses.replace(config, out=root).to_json())
     summaries = {}
     for stage in method.stages:
-        values = {**config.to_dict(), **config.stage_overrides.get(stage, {}), "stage": stage,
-                  "out": os.path.join(root, stage)}
-        values["betas"] = tuple(values["betas"])
-        source = method.stage_init.get(stage)
-        if source and not config.init:
-            values["init"] = os.path.join(root, source)
-        done = os.path.join(values["out"], "summary.json")
+        out = os.path.join(root, stage)
+        done = os.path.join(out, "summary.json")
         if config.resume and os.path.isfile(done):
             with open(done) as f:
                 summaries[stage] = json.load(f)
             continue
-        values["resume"] = config.resume and os.path.isfile(os.path.join(values["out"], CHECKPOINT))
-        summaries[stage] = Trainer(TrainConfig(**values)).fit()
+        source = method.stage_init.get(stage)
+        init = os.path.join(root, source) if source else (config.init if stage == method.stages[0] else None)
+        resume = config.resume and os.path.isfile(os.path.join(out, CHECKPOINT))
+        summaries[stage] = Trainer(_stage_config(config, stage, stage=stage, out=out, init=init, resume=resume)).fit()
         if "stopped_at_step" in summaries[stage]:
             return summaries[stage]
     summary = {"method": config.method, "dataset": config.dataset, "run_dir": root, "stages": summaries}
-    with open(os.path.join(root, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=float)
-    lines = [f"  {stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in s.items() if k.endswith("accuracy")
-                                         and isinstance(v, float)) for stage, s in summaries.items()]
-    print("[vitfast] stages:\n" + "\n".join(lines), flush=True)
+    if is_main:
+        with open(os.path.join(root, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+        lines = [f"  {stage}: " + ", ".join(f"{k}={v:.4f}" for k, v in s.items() if k.endswith("accuracy")
+                                             and isinstance(v, float)) for stage, s in summaries.items()]
+        print("[vitfast] stages:\n" + "\n".join(lines), flush=True)
     return summary
 
 
