@@ -42,4 +42,16 @@ TORCH_LIBRARY(vitfast_C, m) {
   m.def("relation_loss_backward(Tensor grad_loss, Tensor count, Tensor q, Tensor k, Tensor? positions, "
         "Tensor? targets, Tensor? pair_mask, int grid_size, float label_smoothing, bool[2] output_mask) "
         "-> (Tensor, Tensor)");
+
+  // relation_mlp_loss: u, v [B,N,H], weight [C_out,H], bias [C_out] (one dtype), positions [B,N] int64? (null: identity
+  // order), pair_mask [N,N]/[B,N,N] bool?, task "direction" (C_out = 9, cross-entropy) | "offset" (C_out = 2, squared
+  // error), activation "gelu" | "relu" -> (loss [] opmath dtype, accuracy [] float32, count [] int64 = selected
+  // pairs). No [B,N,N,H] hidden activations stored.
+  m.def("relation_mlp_loss_forward(Tensor u, Tensor v, Tensor weight, Tensor bias, Tensor? positions, "
+        "Tensor? pair_mask, int grid_size, str task, str activation, float label_smoothing) "
+        "-> (Tensor, Tensor, Tensor)");
+  // (d_u, d_v, d_weight, d_bias) in the inputs' dtype, the hidden recomputed per row; unrequested outputs are empty.
+  m.def("relation_mlp_loss_backward(Tensor grad_loss, Tensor count, Tensor u, Tensor v, Tensor weight, Tensor bias, "
+        "Tensor? positions, Tensor? pair_mask, int grid_size, str task, str activation, float label_smoothing, "
+        "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -54,3 +54,44 @@ def test_relvit_stages_run_in_one_command(tmp_path):
     # Resuming a finished multi-stage run re-trains nothing.
     resumed = run(build_config("relvit", "quick", out=str(tmp_path), resume=True, **tiny))
     assert resumed["stages"] == summary["stages"]
+
+
+def test_relation_head_mlp_kind_matches_dense_computation():
+    """kind="mlp": out(i, j) = W gelu(A z_i + B z_j + b) + c, for the direction classes and the DRLoc offsets."""
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 16, 12)
+    positions = torch.stack([torch.randperm(16), torch.arange(16)])
+    rows, cols = positions // 4, positions % 4
+    offsets = torch.stack((rows[:, :, None] - rows[:, None, :], cols[:, :, None] - cols[:, None, :]), -1) / 3.0
+    for task in ("direction", "offset"):
+        head = RelationHead(embed_dim=12, grid_size=4, kind="mlp", task=task, hidden_dim=10)
+        out = head(tokens, positions)
+        pre = head.u_proj(tokens)[:, :, None] + head.v_proj(tokens)[:, None, :]  # [B, N, N, H]
+        pair_out = head.out_proj(F.gelu(pre))                                    # [B, N, N, C_out]
+        if task == "direction":
+            relation = F.cross_entropy(pair_out.permute(0, 3, 1, 2), relation_targets(positions, 4))
+            accuracy = (pair_out.argmax(-1) == relation_targets(positions, 4)).float().mean()
+            torch.testing.assert_close(out["relation_accuracy"], accuracy)
+        else:
+            relation = F.mse_loss(pair_out, offsets)
+            assert "relation_accuracy" not in out
+        absolute = F.cross_entropy(head.abs_pos(tokens).flatten(0, 1), positions.reshape(-1))
+        torch.testing.assert_close(out["relation_loss"], relation)
+        torch.testing.assert_close(out["loss"], relation + absolute)
+        out["loss"].backward()
+        for layer in (head.u_proj, head.v_proj, head.out_proj):
+            assert layer.weight.grad.abs().sum() > 0
+        assert head.v_proj.bias.grad.abs().sum() > 0 and head.out_proj.bias.grad.abs().sum() > 0
+    assert RelationHead(embed_dim=12, grid_size=4, kind="mlp").hidden_dim == 12  # H defaults to D
+
+
+def test_relation_head_rejects_unknown_kind_and_task():
+    for kwargs, message in ((dict(kind="conv"), "kind must be"), (dict(task="offset"), "task must be one of"),
+                            (dict(kind="mlp", task="angle"), "task must be one of"),
+                            (dict(kind="mlp", activation="tanh"), "activation must be one of")):
+        try:
+            RelationHead(embed_dim=18, grid_size=4, **kwargs)
+        except ValueError as error:
+            assert message in str(error)
+        else:
+            raise AssertionError(f"{kwargs} must be refused")

@@ -10,6 +10,13 @@ to token j, over all ordered pairs — computed by ``vitfast.ops.relation_loss``
 logits. Absolute-position task: Linear(D, S·S) per token, cross-entropy against the token's grid cell.
 ``positions`` [B, N] int64 are the grid cells the tokens came from (None: grid order); masked or shuffled
 token subsets (DILEMMA-style inputs) pass their original cells.
+
+``kind="mlp"`` is the MLP pair head (METHODS.md §2, generalisation): ``out(i, j) = W act(A z_i + B z_j + b) + c``
+with ``u_proj`` = Linear(D, H, bias=False) (A), ``v_proj`` = Linear(D, H) (B, b), ``out_proj`` = Linear(H, C_out)
+(W, c), hidden H = D by default, computed by ``vitfast.ops.relation_mlp_loss`` without the [B, N, N, H] hidden
+activations. Its ``task`` is "direction" (the 9 classes, cross-entropy) or "offset" (DRLoc-style regression of the
+normalised offset (Δrow, Δcol) / (S - 1), squared error; no accuracy is reported). The bilinear head is
+direction-only.
 """
 from __future__ import annotations
 
@@ -21,23 +28,36 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.relation_loss import DIRECTION_CLASSES
+from ..ops.relation_mlp_loss import ACTIVATIONS, TASK_OUTPUTS
 
 
 class RelationHead(nn.Module):
     def __init__(self, embed_dim: int, grid_size: int, *, kind: str = "bilinear", absolute: bool = True,
                  relation_weight: float = 1.0, absolute_weight: float = 1.0, label_smoothing: float = 0.0,
+                 task: str = "direction", hidden_dim: Optional[int] = None, activation: str = "gelu",
                  backend: Optional[str] = None):
         super().__init__()
-        if kind != "bilinear":
-            raise ValueError(f'kind must be "bilinear" (the MLP pair head is not implemented yet), got {kind!r}')
-        if embed_dim < DIRECTION_CLASSES:
-            raise ValueError(f"embed_dim must be >= {DIRECTION_CLASSES} (d_h = embed_dim // 9), got {embed_dim}")
-        self.grid_size, self.kind, self.backend = grid_size, kind, backend
-        self.head_dim = embed_dim // DIRECTION_CLASSES
+        if kind not in ("bilinear", "mlp"):
+            raise ValueError(f'kind must be "bilinear" or "mlp", got {kind!r}')
+        if task not in TASK_OUTPUTS or (kind == "bilinear" and task != "direction"):
+            allowed = tuple(TASK_OUTPUTS) if kind == "mlp" else ("direction",)
+            raise ValueError(f"task must be one of {allowed} for kind={kind!r}, got {task!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.grid_size, self.kind, self.task, self.activation, self.backend = grid_size, kind, task, activation, backend
         self.relation_weight, self.absolute_weight = relation_weight, absolute_weight
         self.label_smoothing = label_smoothing
-        self.q_proj = nn.Linear(embed_dim, DIRECTION_CLASSES * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(embed_dim, DIRECTION_CLASSES * self.head_dim, bias=False)
+        if kind == "bilinear":
+            if embed_dim < DIRECTION_CLASSES:
+                raise ValueError(f"embed_dim must be >= {DIRECTION_CLASSES} (d_h = embed_dim // 9), got {embed_dim}")
+            self.head_dim = embed_dim // DIRECTION_CLASSES
+            self.q_proj = nn.Linear(embed_dim, DIRECTION_CLASSES * self.head_dim, bias=False)
+            self.k_proj = nn.Linear(embed_dim, DIRECTION_CLASSES * self.head_dim, bias=False)
+        else:
+            self.hidden_dim = embed_dim if hidden_dim is None else hidden_dim
+            self.u_proj = nn.Linear(embed_dim, self.hidden_dim, bias=False)
+            self.v_proj = nn.Linear(embed_dim, self.hidden_dim)
+            self.out_proj = nn.Linear(self.hidden_dim, TASK_OUTPUTS[task])
         self.abs_pos = nn.Linear(embed_dim, grid_size * grid_size) if absolute else None
 
     def forward(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -50,12 +70,24 @@ class RelationHead(nn.Module):
                 raise ValueError(f"without positions the tokens must be the full {self.grid_size}x{self.grid_size} "
                                  f"grid in order, got N = {num}")
             positions = torch.arange(num, device=tokens.device).expand(batch, num)
-        q = self.q_proj(tokens).view(batch, num, DIRECTION_CLASSES, self.head_dim)
-        k = self.k_proj(tokens).view(batch, num, DIRECTION_CLASSES, self.head_dim)
-        relation, relation_accuracy = ops.relation_loss(
-            q, k, positions, grid_size=self.grid_size, label_smoothing=self.label_smoothing, return_accuracy=True,
-            backend=self.backend)
-        out = {"relation_loss": relation, "relation_accuracy": relation_accuracy}
+        if self.kind == "bilinear":
+            q = self.q_proj(tokens).view(batch, num, DIRECTION_CLASSES, self.head_dim)
+            k = self.k_proj(tokens).view(batch, num, DIRECTION_CLASSES, self.head_dim)
+            relation, relation_accuracy = ops.relation_loss(
+                q, k, positions, grid_size=self.grid_size, label_smoothing=self.label_smoothing,
+                return_accuracy=True, backend=self.backend)
+            out = {"relation_loss": relation, "relation_accuracy": relation_accuracy}
+        elif self.task == "direction":
+            relation, relation_accuracy = ops.relation_mlp_loss(
+                self.u_proj(tokens), self.v_proj(tokens), self.out_proj.weight, self.out_proj.bias, positions,
+                grid_size=self.grid_size, task="direction", activation=self.activation,
+                label_smoothing=self.label_smoothing, return_accuracy=True, backend=self.backend)
+            out = {"relation_loss": relation, "relation_accuracy": relation_accuracy}
+        else:
+            relation = ops.relation_mlp_loss(
+                self.u_proj(tokens), self.v_proj(tokens), self.out_proj.weight, self.out_proj.bias, positions,
+                grid_size=self.grid_size, task="offset", activation=self.activation, backend=self.backend)
+            out = {"relation_loss": relation}
         loss = self.relation_weight * relation
         if self.abs_pos is not None:
             logits = self.abs_pos(tokens).flatten(0, 1)

@@ -7,11 +7,13 @@ from .masked_patch_embed import masked_patch_embed, masked_patch_embed_reference
 from .masked_pixel_loss import MaskedPixelLoss, masked_pixel_loss, masked_pixel_loss_reference
 from .masking import corrupt_positions, random_masking
 from .relation_loss import relation_logits, relation_loss, relation_loss_reference, relation_targets
+from .relation_mlp_loss import relation_mlp_loss, relation_mlp_loss_reference, relation_mlp_outputs, relation_offsets
 
 __all__ = [
     "ENV_VAR", "available_backends",
     "masked_patch_embed", "masked_patch_embed_reference",
     "masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss",
     "relation_loss", "relation_loss_reference", "relation_logits", "relation_targets",
+    "relation_mlp_loss", "relation_mlp_loss_reference", "relation_mlp_outputs", "relation_offsets",
     "random_masking", "corrupt_positions",
 ]
