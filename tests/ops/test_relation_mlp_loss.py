@@ -315,8 +315,69 @@ def test_backend_selection_and_fallback():
     args = _good()
     with pytest.raises(ValueError, match="backend must be one of"):
         relation_mlp_loss(**args, backend="tpu")
-    with pytest.warns(RuntimeWarning, match="backend 'triton' is not available for cpu tensors"):
-        relation_mlp_loss(**args, backend="triton")  # no Triton kernel for this op yet: loud fallback
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' is not available for cpu tensors"):
+        relation_mlp_loss(**args, backend="cuda")  # no CUDA C++ kernel for this op: loud fallback
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         relation_mlp_loss(**args)
+
+
+# ---- the triton backend (under TRITON_INTERPRET=1 on CPU-only machines; tiny shapes keep the interpreter fast) ----
+
+TRITON_SHAPES = [
+    (2, 5, 3, 8, "subset", ()),
+    (2, 9, 3, 20, "shuffled", ("mask",)),            # ragged H (two hidden chunks), two j-tiles
+    (2, 7, 4, 13, "subset", ("offdiag", "smooth")),
+]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("task,activation", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda v: str(v).replace("torch.", ""))
+def test_triton_matches_reference(dtype, task, activation, shape, assert_close):
+    skip_unless_runs("triton")
+    inputs, kwargs = make_inputs(shape, dtype, task)
+    inputs = [t.requires_grad_() for t in inputs]
+    loss = relation_mlp_loss(*inputs, activation=activation, backend="triton", **kwargs)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    grad = torch.tensor(float(selected_pairs(inputs[0], kwargs)))
+    grads = torch.autograd.grad(loss, inputs, grad)
+    want_loss, *want_grads = reference_with_grads(inputs, dict(kwargs, activation=activation), grad.double())
+    assert_close(loss.detach(), want_loss, dtype, "triton/loss")
+    for name, got, want in zip(("d_u", "d_v", "d_weight", "d_bias"), grads, want_grads):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert_close(got, want, dtype, f"triton/{name}")
+
+
+def test_triton_accuracy_and_partial_gradients(assert_close):
+    skip_unless_runs("triton")
+    inputs, kwargs = make_inputs((2, 9, 3, 12, "shuffled", ("mask",)), torch.float32)
+    inputs[2].mul_(8.0)  # a confident head, so that some argmaxes hit their targets
+    loss, accuracy = relation_mlp_loss(*inputs, return_accuracy=True, backend="triton", **kwargs)
+    want, want_accuracy = relation_mlp_loss_reference(*inputs, return_accuracy=True, **kwargs)
+    torch.testing.assert_close(loss, want)
+    assert accuracy.dtype == torch.float32 and not accuracy.requires_grad
+    assert accuracy.item() == pytest.approx(want_accuracy.item(), abs=1e-6)
+    leaves = [t.clone().requires_grad_(i == 1) for i, t in enumerate(inputs)]  # d_v only
+    (d_v,) = torch.autograd.grad(relation_mlp_loss(*leaves, backend="triton", **kwargs), (leaves[1],))
+    assert_close(d_v, reference_with_grads(inputs, kwargs, torch.tensor(1.0, dtype=torch.float64))[2],
+                 torch.float32, "triton/d_v")
+
+
+def test_triton_empty_pair_mask_gives_zero():
+    skip_unless_runs("triton")
+    inputs, kwargs = make_inputs((2, 6, 3, 8, "subset", ()), torch.float32)
+    inputs = [t.requires_grad_() for t in inputs]
+    loss = relation_mlp_loss(*inputs, pair_mask=torch.zeros(6, 6, dtype=torch.bool), backend="triton", **kwargs)
+    assert loss.item() == 0.0
+    assert all(g.abs().max().item() == 0.0 for g in torch.autograd.grad(loss, inputs))
+
+
+def test_triton_float64_runs_the_torch_backend(assert_close):
+    skip_unless_runs("triton")
+    inputs, kwargs = make_inputs((2, 5, 3, 8, "subset", ()), torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss = relation_mlp_loss(*inputs, backend="triton", **kwargs)
+    assert loss.dtype == torch.float64
+    assert_close(loss, relation_mlp_loss_reference(*inputs, **kwargs), torch.float64, "triton/float64")

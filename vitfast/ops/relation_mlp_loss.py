@@ -31,10 +31,10 @@ the hidden tile in the backward from u and v, and keep nothing per pair between 
 ``relation_mlp_loss_reference`` is the dense (materialising) spec for small N and tests.
 
 Backends: ``cpu`` (vitfast._C: one query row per work item in the forward, one batch element in the backward,
-bitwise reproducible across thread counts; its fp32 GELU uses a vectorised erf approximation, abs. error < 1e-6)
-and ``torch`` (tile-wise plain PyTorch with closed-form gradients). No Triton or CUDA kernel yet: on CUDA tensors
-the torch backend runs (a request for "triton" or "cuda" falls back loudly). Choose with ``backend=`` or
-VITFAST_BACKEND.
+bitwise reproducible across thread counts; its fp32 GELU uses a vectorised erf approximation, abs. error < 1e-6),
+``triton`` (vitfast.kernels.relation_mlp_loss: CUDA, or CPU under TRITON_INTERPRET=1; both tasks, fp32 accumulation,
+deterministic) and ``torch`` (tile-wise plain PyTorch with closed-form gradients). No CUDA C++ kernel: on CUDA
+tensors triton runs (a request for "cuda" falls back loudly). Choose with ``backend=`` or VITFAST_BACKEND.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import NativeBackend, function_backend, op_backends
+from ._backend import NativeBackend, TritonBackend, function_backend, op_backends
 from ._checks import Checker
 from .relation_loss import DIRECTION_CLASSES, relation_targets
 
@@ -231,9 +231,12 @@ def _torch_backward(grad_loss, count, u, v, weight, bias, positions, pair_mask, 
     return tuple(g.to(dt) if needed else None for g, dt, needed in zip(grads, dtypes, output_mask))
 
 
-BACKENDS = op_backends("relation_mlp_loss", native="relation_mlp_loss_forward")
+BACKENDS = op_backends("relation_mlp_loss", native="relation_mlp_loss_forward",
+                       triton="vitfast.kernels.relation_mlp_loss")
 BACKENDS.register("torch", function_backend(_torch_forward, _torch_backward))
 BACKENDS.register("cpu", NativeBackend("relation_mlp_loss_forward", "relation_mlp_loss_backward"))
+BACKENDS.register("triton", TritonBackend("vitfast.kernels.relation_mlp_loss", "relation_mlp_loss_forward",
+                                          "relation_mlp_loss_backward"))
 
 
 # ---- torch.library registration: the op composes with autograd, torch.compile and opcheck ----
