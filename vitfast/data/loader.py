@@ -114,10 +114,8 @@ class BatchLoader:
             order = order.to(self.device, non_blocking=True)
         while self.batch < len(self):
             ids = self._shard(order, self.batch)
-            if self.preload:
-                images, labels = self._images[ids], self._labels[ids]
-            else:
-                images, labels = self._images[ids], self._labels[ids]
+            images, labels = self._images[ids], self._labels[ids]
+            if not self.preload:
                 if self.device.type == "cuda":
                     images, labels = images.pin_memory(), labels.pin_memory()
                 images = images.to(self.device, non_blocking=True)
