@@ -206,6 +206,35 @@ _relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public function ----
 
+def check_grid(check: Checker, positions: Optional[Tensor], grid_size: Optional[int], n: int, device) -> int:
+    """Validate ``positions`` [B, N] and the grid side S (default sqrt(N) without positions); returns S.
+    Shared by the pair-relation ops."""
+    if grid_size is None:
+        if positions is not None:
+            check.fail("grid_size (the side S of the token grid) is required with positions")
+        grid_size = math.isqrt(n)
+        if grid_size * grid_size != n:
+            check.fail(f"N = {n} tokens is not a square grid; pass grid_size")
+    if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
+        check.fail(f"grid_size must be a positive int, got {grid_size!r}")
+    if positions is not None:
+        check.tensor("positions", positions, ("B", "N"), dtypes=(torch.int64,), device=device,
+                     value_range=(0, grid_size * grid_size))
+    elif n > grid_size * grid_size:
+        check.fail(f"N = {n} tokens do not fit a {grid_size}x{grid_size} grid; pass positions")
+    return grid_size
+
+
+def check_pair_mask(check: Checker, pair_mask: Optional[Tensor], device) -> None:
+    """``pair_mask``: bool [N, N] (shared by the batch) or [B, N, N], or None."""
+    if pair_mask is None:
+        return
+    if not isinstance(pair_mask, Tensor) or pair_mask.dim() == 2:
+        check.tensor("pair_mask", pair_mask, ("N", "N"), dtypes=(torch.bool,), device=device)
+    else:
+        check.tensor("pair_mask", pair_mask, ("B", "N", "N"), dtypes=(torch.bool,), device=device)
+
+
 def relation_loss(
     q: Tensor, k: Tensor, positions: Optional[Tensor] = None, *, grid_size: Optional[int] = None,
     targets: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None, label_smoothing: float = 0.0,
@@ -232,24 +261,8 @@ def relation_loss(
         if classes != DIRECTION_CLASSES:
             check.fail(f"direction targets from positions have {DIRECTION_CLASSES} classes, but q has C = {classes}; "
                        f"pass targets [B, N, N] int64 for another class count")
-        if grid_size is None:
-            if positions is not None:
-                check.fail("grid_size (the side S of the token grid) is required with positions")
-            grid_size = math.isqrt(n)
-            if grid_size * grid_size != n:
-                check.fail(f"N = {n} tokens is not a square grid; pass grid_size")
-        if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
-            check.fail(f"grid_size must be a positive int, got {grid_size!r}")
-        if positions is not None:
-            check.tensor("positions", positions, ("B", "N"), dtypes=(torch.int64,), device=device,
-                         value_range=(0, grid_size * grid_size))
-        elif n > grid_size * grid_size:
-            check.fail(f"N = {n} tokens do not fit a {grid_size}x{grid_size} grid; pass positions")
-    if pair_mask is not None:
-        if not isinstance(pair_mask, Tensor) or pair_mask.dim() == 2:
-            check.tensor("pair_mask", pair_mask, ("N", "N"), dtypes=(torch.bool,), device=device)
-        else:
-            check.tensor("pair_mask", pair_mask, ("B", "N", "N"), dtypes=(torch.bool,), device=device)
+        grid_size = check_grid(check, positions, grid_size, n, device)
+    check_pair_mask(check, pair_mask, device)
 
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ._backend import NativeBackend, TritonBackend, function_backend, op_backends
 from ._checks import Checker
-from .relation_loss import DIRECTION_CLASSES, relation_targets
+from .relation_loss import DIRECTION_CLASSES, check_grid, check_pair_mask, relation_targets
 
 __all__ = ["relation_mlp_loss", "relation_mlp_loss_reference", "relation_mlp_outputs", "relation_offsets",
            "TASK_OUTPUTS", "ACTIVATIONS"]
@@ -325,24 +325,8 @@ def relation_mlp_loss(
         check.fail(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if task == "offset" and (label_smoothing or return_accuracy):
         check.fail('label_smoothing and return_accuracy apply to task="direction" only')
-    if grid_size is None:
-        if positions is not None:
-            check.fail("grid_size (the side S of the token grid) is required with positions")
-        grid_size = math.isqrt(n)
-        if grid_size * grid_size != n:
-            check.fail(f"N = {n} tokens is not a square grid; pass grid_size")
-    if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
-        check.fail(f"grid_size must be a positive int, got {grid_size!r}")
-    if positions is not None:
-        check.tensor("positions", positions, ("B", "N"), dtypes=(torch.int64,), device=device,
-                     value_range=(0, grid_size * grid_size))
-    elif n > grid_size * grid_size:
-        check.fail(f"N = {n} tokens do not fit a {grid_size}x{grid_size} grid; pass positions")
-    if pair_mask is not None:
-        if not isinstance(pair_mask, Tensor) or pair_mask.dim() == 2:
-            check.tensor("pair_mask", pair_mask, ("N", "N"), dtypes=(torch.bool,), device=device)
-        else:
-            check.tensor("pair_mask", pair_mask, ("B", "N", "N"), dtypes=(torch.bool,), device=device)
+    grid_size = check_grid(check, positions, grid_size, n, device)
+    check_pair_mask(check, pair_mask, device)
 
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
