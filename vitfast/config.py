@@ -1,7 +1,7 @@
 """Training configuration: one flat dataclass, and per-method presets as data.
 
 Presets: ``quick`` (default; minutes on a laptop CPU, on the embedded ``digits`` data) and ``paper``
-(the recipe of the method's paper, METHODS.md section cited beside each). Command-line flags
+(the recipe of the method's paper, docs/methods.md section cited beside each). Command-line flags
 override preset values; ``--set key=value`` reaches every field.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8,
                       epochs=100, batch_size=64, lr=1e-3, warmup_epochs=5, weight_decay=0.05,
                       label_smoothing=0.1, grad_clip=1.0),
-        # METHODS.md §5, fine-tune recipe of Gani et al. (2022): small-data ViT, AdamW lr 1e-3, wd 0.05,
+        # docs/methods.md §5.2, fine-tune recipe of Gani et al. (2022): small-data ViT, AdamW lr 1e-3, wd 0.05,
         # 100 epochs, 10 warm-up, mixup/cutmix, label smoothing 0.1, random erasing 0.25, drop-path 0.1.
         "paper": dict(model="small_data", epochs=100, batch_size=128, lr=1e-3, warmup_epochs=10, weight_decay=0.05,
                       label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25, drop_path=0.1,
@@ -98,7 +98,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                       decoder_dim=64, decoder_depth=2, decoder_heads=4, epochs=60, batch_size=64,
                       lr=1.5e-3, warmup_epochs=5, weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75,
                       norm_pix=True, global_pool="avg"),
-        # METHODS.md §1 (He et al. 2021): AdamW β (0.9, 0.95), wd 0.05, lr 1.5e-4·batch/256, 40 warm-up epochs,
+        # docs/methods.md §1 (He et al. 2021): AdamW β (0.9, 0.95), wd 0.05, lr 1.5e-4·batch/256, 40 warm-up epochs,
         # cosine, RRC (0.2, 1) + flip, mask 0.75, norm_pix, 800 epochs, decoder 512 wide × 8 blocks × 16 heads.
         # The encoder is the small-data ViT (patch 4) on 32-px data (ViT-B/16 needs 224-px images).
         "paper": dict(model="small_data", epochs=800, batch_size=256, base_lr=1.5e-4, warmup_epochs=40,
@@ -117,7 +117,7 @@ PRESETS["relvit"] = {
                                    "finetune": dict(epochs=60, label_smoothing=0.1, metrics=""),
                                    "scratch": dict(epochs=100, label_smoothing=0.1, metrics=""),
                                    "joint": dict(epochs=100, metrics="")}),
-    # METHODS.md §2: ViT-S (384/12/6), patch 4 on 32-px data, AdamW lr 5e-4, wd 0.1, batch 256, grad-clip 1.0,
+    # docs/methods.md §2: ViT-S (384/12/6), patch 4 on 32-px data, AdamW lr 5e-4, wd 0.1, batch 256, grad-clip 1.0,
     # 100 upstream + 100 downstream epochs.
     "paper": dict(model="small", patch_size=4, batch_size=256, lr=5e-4, weight_decay=0.1, grad_clip=1.0,
                   warmup_epochs=5,

@@ -1,4 +1,4 @@
-"""vitfast.eval: k-NN, linear probe, clustering accuracy and feature extraction (METHODS.md §8)."""
+"""vitfast.eval: k-NN, linear probe, clustering accuracy and feature extraction (docs/methods.md §8)."""
 import math
 from types import SimpleNamespace
 
@@ -21,7 +21,7 @@ def gaussian_clusters(per_class, num_classes=5, dim=16, spread=0.05, seed=0):
 
 
 def knn_brute_force(train, train_labels, query, k, temperature, num_classes):
-    """The METHODS.md §8 k-NN written as literal loops, in float64."""
+    """The docs/methods.md §8.1 k-NN written as literal loops, in float64."""
     predictions, all_votes = [], []
     for q in query.double():
         sims = []

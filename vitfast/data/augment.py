@@ -30,11 +30,11 @@ Semantics follow torchvision's transforms applied to each image on its own:
   at least 3 (SimCLR's rule; torchvision GaussianBlur semantics, reflect padding). DINO blurs with PIL,
   whose Gaussian is not truncated: ``dino_multicrop`` passes a 2·ceil(3·sigma_max)+1 kernel for that.
 - ``solarize``: pixels >= ``threshold`` become 1 − x (torchvision / PIL).
-- ``patch_jitter``: RelViT's per-patch augmentation (METHODS.md §2), patches reshaped into a batch.
+- ``patch_jitter``: RelViT's per-patch augmentation (docs/methods.md §2.1), patches reshaped into a batch.
 
 Pipelines are data: ``Augment`` holds a list of ``(step name, parameters)`` and the normalisation;
 ``MultiView`` holds several pipelines and how many views each produces. The presets at the bottom
-carry the numbers of METHODS.md with their sections.
+carry the numbers of docs/methods.md with their sections.
 """
 from __future__ import annotations
 
@@ -355,7 +355,7 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], *, ge
 def patch_jitter(images: Tensor, patch_size: int, crop_size: Optional[int] = None,
                  jitter=(0.4, 0.4, 0.4, 0.1), jitter_p: float = 0.8, gray_p: float = 0.2, *,
                  generator=None) -> Tensor:
-    """RelViT's anti-shortcut augmentation (METHODS.md §2), every patch on its own.
+    """RelViT's anti-shortcut augmentation (docs/methods.md §2.1), every patch on its own.
 
     Each p×p patch gets a random crop of ``crop_size`` = round(p / 1.15) pixels resized back to p
     (bilinear), colour jitter ``jitter`` with probability ``jitter_p`` and grayscale with probability
@@ -497,7 +497,7 @@ def supervised_train(size: int, mean=None, std=None, *, padding: Optional[int] =
     """Random crop with zero padding (4 px at 32 px, size/8 otherwise) + horizontal flip.
 
     The CIFAR recipe of He et al. 2016 (ResNet, Sec. 4.2), also RelViT's image-level augmentation
-    (METHODS.md §2). Inputs of another size are resized to ``size`` first.
+    (docs/methods.md §2.1). Inputs of another size are resized to ``size`` first.
     """
     padding = _padding_for(size) if padding is None else padding
     return Augment([("resize", dict(size=size)), ("random_crop", dict(size=size, padding=padding)),
@@ -505,7 +505,7 @@ def supervised_train(size: int, mean=None, std=None, *, padding: Optional[int] =
 
 
 def mae_pretrain(size: int, mean=None, std=None, *, scale=(0.2, 1.0)) -> Augment:
-    """MAE pre-training (METHODS.md §1, He et al. 2021): random-resized crop scale (0.2, 1) + flip only."""
+    """MAE pre-training (docs/methods.md §1.4, He et al. 2021): random-resized crop scale (0.2, 1) + flip only."""
     return Augment([("random_resized_crop", dict(size=size, scale=tuple(scale), ratio=(3 / 4, 4 / 3))),
                     ("horizontal_flip", dict(p=0.5))], mean, std, name="mae_pretrain")
 
@@ -520,7 +520,7 @@ def _contrastive_view(size, mean, std, scale, jitter, jitter_p, gray_p, name) ->
 
 def simclr_views(size: int, mean=None, std=None, *, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
                  jitter_p: float = 0.8, gray_p: float = 0.2, views: int = 2) -> MultiView:
-    """Two views of the contrastive recipe used by LaCViT (METHODS.md §4): random-resized crop (0.2, 1),
+    """Two views of the contrastive recipe used by LaCViT (docs/methods.md §4.2): random-resized crop (0.2, 1),
     flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2. (SimCLR's ImageNet recipe,
     Chen et al. 2020 App. A, uses scale (0.08, 1), jitter strength 0.8 and blur; the small-image numbers
     of §4 are the ones vitfast trains with.)"""
@@ -529,20 +529,20 @@ def simclr_views(size: int, mean=None, std=None, *, scale=(0.2, 1.0), jitter=(0.
 
 
 def supcon_views(size: int, mean=None, std=None, **kwargs) -> MultiView:
-    """LaCViT stage 1's two SupCon views (METHODS.md §4); the same numbers as ``simclr_views``."""
+    """LaCViT stage 1's two SupCon views (docs/methods.md §4.2); the same numbers as ``simclr_views``."""
     views = simclr_views(size, mean, std, **kwargs)
     views.name = "supcon_views"
     return views
 
 
-# METHODS.md §5 (Gani et al. 2022) crop numbers by global crop size; other sizes: DINO's ImageNet
+# docs/methods.md §5.1 (Gani et al. 2022) crop numbers by global crop size; other sizes: DINO's ImageNet
 # defaults (Caron et al. 2021: 224 / 96 px, scales (0.4, 1) / (0.05, 0.4)), local side 96/224 of the global.
 _DINO_CROPS = {32: (16, (0.7, 1.0), (0.2, 0.5)), 64: (32, (0.5, 1.0), (0.2, 0.4))}
 
 
 def dino_multicrop(global_size: int, mean=None, std=None, *, local_size: Optional[int] = None, n_local: int = 8,
                    global_scale=None, local_scale=None, jitter=(0.4, 0.4, 0.2, 0.1), sigma=(0.1, 2.0)) -> MultiView:
-    """DINO multi-crop of Gani et al. (METHODS.md §5): views [global 1, global 2, local 1 .. local n].
+    """DINO multi-crop of Gani et al. (docs/methods.md §5.1): views [global 1, global 2, local 1 .. local n].
 
     Every view: random-resized crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2,
     then blur: global 1 p 1.0; global 2 p 0.1 and solarize p 0.2; locals p 0.5. 32 px: global 32 px
@@ -577,7 +577,7 @@ def dino_multicrop(global_size: int, mean=None, std=None, *, local_size: Optiona
 
 
 def relvit_upstream(size: int, mean=None, std=None, *, patch_size: int = 4, padding: Optional[int] = None) -> Augment:
-    """RelViT upstream (METHODS.md §2): random crop with 4-px padding + flip on the image, then per patch a
+    """RelViT upstream (docs/methods.md §2.1): random crop with 4-px padding + flip on the image, then per patch a
     random crop of round(p/1.15) px resized back to p, colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2."""
     padding = _padding_for(size) if padding is None else padding
     return Augment([("resize", dict(size=size)), ("random_crop", dict(size=size, padding=padding)),

@@ -1,4 +1,4 @@
-"""Evaluation of frozen representations (METHODS.md §8): k-NN, linear probe, clustering accuracy.
+"""Evaluation of frozen representations (docs/methods.md §8): k-NN, linear probe, clustering accuracy.
 
     metrics = evaluate_representation(method.features, splits, transform=eval_transform, device="cuda")
     metrics["knn_accuracy"], metrics["linear_probe"]["test_accuracy"], metrics["clustering"]["accuracy"]

@@ -1,4 +1,4 @@
-"""Clustering accuracy of frozen features (METHODS.md §6 and §8): k-means, then Hungarian matching.
+"""Clustering accuracy of frozen features (docs/methods.md §6 and §8.4): k-means, then Hungarian matching.
 
     result = clustering_accuracy(test_features, test_labels)    # {"accuracy", "nmi", "num_clusters"}
     accuracy = matched_accuracy(cluster_ids, labels)             # the matching alone

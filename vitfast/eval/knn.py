@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of frozen features (METHODS.md §8, the MAE-CT / DINO protocol).
+"""Weighted k-NN classification of frozen features (docs/methods.md §8.1, the MAE-CT / DINO protocol).
 
     accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels)   # k=20, T=0.07
     predictions, votes = knn_classify(train_features, train_labels, test_features, num_classes=10)

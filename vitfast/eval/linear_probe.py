@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (METHODS.md §8), selected on the validation split only.
+"""Linear probe on frozen features (docs/methods.md §8.2), selected on the validation split only.
 
     result = linear_probe(train_f, train_y, val_f, val_y, test_f, test_y, num_classes=10)
     result["test_accuracy"]             # test accuracy of the (lr, epoch) with the best val accuracy

@@ -1,4 +1,4 @@
-"""MAE (He et al. 2021, METHODS.md §1): masked-patch reconstruction with the fused ops.
+"""MAE (He et al. 2021, docs/methods.md §1): masked-patch reconstruction with the fused ops.
 
 The encoder embeds only the kept patches (``masked_patch_embed`` through the ViT's keep_idx path) and
 the loss never materialises the normalised targets (``masked_pixel_loss``).

@@ -1,4 +1,4 @@
-"""RelViT (Camporese, Izzo, Ballan, BMVC 2022; METHODS.md §2): learn where patches are from their content.
+"""RelViT (Camporese, Izzo, Ballan, BMVC 2022; docs/methods.md §2): learn where patches are from their content.
 
 Stages (one command runs ``upstream`` → ``finetune`` and the ``scratch`` baseline; ``--stage`` runs one):
   upstream  no positional embedding, RelViT's per-patch augmentation, relation CE + absolute-position CE

@@ -1,6 +1,6 @@
 """Supervised baseline: a ViT trained from scratch (or fine-tuned from ``--init``) with cross-entropy.
 
-Recipe of the paper preset: METHODS.md §5 fine-tune recipe (Gani et al. 2022): label smoothing,
+Recipe of the paper preset: docs/methods.md §5.2 fine-tune recipe (Gani et al. 2022): label smoothing,
 mixup / cutmix, random erasing, drop-path. Evaluation: accuracy of the classifier on val and test
 (the final epoch's model: never selected on test).
 """

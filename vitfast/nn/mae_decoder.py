@@ -1,4 +1,4 @@
-"""MAE's decoder (He et al. 2021, METHODS.md §1), with MAE's parameter names (``decoder_embed``,
+"""MAE's decoder (He et al. 2021, docs/methods.md §1.2), with MAE's parameter names (``decoder_embed``,
 ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``, ``decoder_pred``).
 
     decoder = MAEDecoder(num_patches=64, patch_size=4, in_chans=3, encoder_dim=192)

@@ -4,14 +4,14 @@
     out = head(tokens, positions)                                # tokens [B, N, D] without CLS
     out["loss"].backward()                                       # relation CE + absolute-position CE (1:1)
 
-Direction task (RelViT, METHODS.md §2): one bias-free bilinear score per class between tokens i and j,
+Direction task (RelViT, docs/methods.md §2.1): one bias-free bilinear score per class between tokens i and j,
 ``<Wq_c z_i, Wk_c z_j> / sqrt(d_h)`` with d_h = D // 9, cross-entropy against where token i lies relative
 to token j, over all ordered pairs — computed by ``vitfast.ops.relation_loss`` without the [B, 9, N, N]
 logits. Absolute-position task: Linear(D, S·S) per token, cross-entropy against the token's grid cell.
 ``positions`` [B, N] int64 are the grid cells the tokens came from (None: grid order); masked or shuffled
 token subsets (DILEMMA-style inputs) pass their original cells.
 
-``kind="mlp"`` is the MLP pair head (METHODS.md §2, generalisation): ``out(i, j) = W act(A z_i + B z_j + b) + c``
+``kind="mlp"`` is the MLP pair head (docs/methods.md §2.5): ``out(i, j) = W act(A z_i + B z_j + b) + c``
 with ``u_proj`` = Linear(D, H, bias=False) (A), ``v_proj`` = Linear(D, H) (B, b), ``out_proj`` = Linear(H, C_out)
 (W, c), hidden H = D by default, computed by ``vitfast.ops.relation_mlp_loss`` without the [B, N, N, H] hidden
 activations. Its ``task`` is "direction" (the 9 classes, cross-entropy) or "offset" (DRLoc-style regression of the

@@ -69,7 +69,7 @@ VIT_CONFIGS: Dict[str, Dict[str, Any]] = {
     # ViT-B/16: Dosovitskiy et al., "An image is worth 16x16 words", ICLR 2021, Table 1.
     "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
     # Gani, Naseer, Yaqub, "How to train ViT on small-scale datasets?", BMVC 2022, Sec. 4 (implementation
-    # details; METHODS.md §5): 32-px images, patch 4 (use patch_size=8 for 64-px data), drop-path 0.1.
+    # details; docs/methods.md §5.1): 32-px images, patch 4 (use patch_size=8 for 64-px data), drop-path 0.1.
     "small_data": dict(
         img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0, drop_path_rate=0.1
     ),

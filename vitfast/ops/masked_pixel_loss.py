@@ -4,7 +4,7 @@
     pred = decoder(encoder(images, keep_idx), ids_restore)          # [B, N, p*p*C]
     loss = vitfast.ops.masked_pixel_loss(pred, images, mask, patch_size=p)   # scalar; loss.backward()
 
-Math (He et al. 2021, official ``forward_loss``; METHODS.md §1). Patch n sits at grid row n // S_w,
+Math (He et al. 2021, official ``forward_loss``; docs/methods.md §1.3). Patch n sits at grid row n // S_w,
 column n % S_w (S_w = W // p); its target vector is patchified in MAE's (row-in-patch i, col-in-patch j,
 channel c) order, element e = (i*p + j)*C + c:
 

@@ -49,7 +49,7 @@ def random_masking(
 def corrupt_positions(
     ids_shuffle: Tensor, num_keep: int, probability: float = 0.2, *, generator: Optional[torch.Generator] = None,
 ):
-    """DILEMMA's positional corruption (Sameni et al. 2023, METHODS.md §3).
+    """DILEMMA's positional corruption (Sameni et al. 2023, docs/methods.md §3.4).
 
     ``ids_shuffle`` [B, N] is the permutation π whose first ``num_keep`` = K entries are the kept
     patches. Each kept token is corrupted independently with ``probability``; a corrupted token gets

@@ -7,7 +7,7 @@
 ``q[b, n, c]`` is class c's head: columns c*d_h:(c+1)*d_h of one Linear(D, 9 * d_h), which is RelViT's nine separate
 bias-free Linear(D, d_h) query heads stacked (likewise k); d_h = D // 9 as in the released code (h_dim // num_heads).
 
-Math (RelViT, Camporese et al. 2022; METHODS.md §2). Token n of an S x S grid sits at row n // S, column n % S;
+Math (RelViT, Camporese et al. 2022; docs/methods.md §2.1). Token n of an S x S grid sits at row n // S, column n % S;
 ``positions[b, i]`` is the grid cell token i came from (shuffled or masked token subsets keep their original cells):
 
     logit[b, c, i, j]  = <q[b, i, c], k[b, j, c]> / sqrt(d_h)                    (a bias-free bilinear score per class)

@@ -5,7 +5,7 @@
     loss, accuracy = vitfast.ops.relation_mlp_loss(u, v, out.weight, out.bias, positions, grid_size=8,
                                                    return_accuracy=True)         # out = nn.Linear(H, 9)
 
-Math (METHODS.md §2, "generalisation we also offer"). Token n of an S x S grid sits at row n // S, column n % S;
+Math (docs/methods.md §2.5, "generalisation"). Token n of an S x S grid sits at row n // S, column n % S;
 ``positions[b, i]`` is the grid cell token i came from (None: the identity order 0..N-1):
 
     h[b, i, j]   = act(u[b, i] + v[b, j])                [H]  (= act(A z_i + B z_j + b))
