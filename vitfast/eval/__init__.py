@@ -6,7 +6,7 @@
 Features are extracted once per split (``extract_features``) and every metric runs on them. The
 protocols: k-NN with the train split as the bank, scored on test (and on val); the linear probe
 trains on train, selects (lr, epoch) on val and reports test; clustering runs k-means on the test
-split's features. Fine-tuning lives in the training engine.
+split's features. Fine-tuning lives in the training engine; ``classification_accuracy`` scores its classifier.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, Mapping
 
 from torch import Tensor
 
+from .classification import classification_accuracy
 from .clustering import clustering_accuracy, matched_accuracy
 from .features import extract_features, infer_num_classes, split_arrays
 from .knn import knn_accuracy, knn_classify
@@ -84,4 +85,4 @@ def evaluate_representation(
 
 
 __all__ = ["evaluate_representation", "extract_features", "knn_accuracy", "knn_classify", "linear_probe", "LR_GRID",
-           "clustering_accuracy", "matched_accuracy", "infer_num_classes", "METRICS"]
+           "clustering_accuracy", "matched_accuracy", "infer_num_classes", "METRICS", "classification_accuracy"]

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import augment
+from ..eval.classification import classification_accuracy
 from ..nn.relation_head import RelationHead
 from .base import DataInfo, Method
-from .supervised import classification_accuracy
 
 
 class RelViT(Method):

@@ -1,5 +1,7 @@
-"""Modules: the ViT (timm parameter names) and its position embeddings."""
+"""Modules: the ViT (timm parameter names), its position embeddings, method heads and loss state."""
 from .pos_embed import resample_pos_embed, sincos_1d_pos_embed, sincos_2d_pos_embed
+from .heads import MLPHead, prediction_head, projection_head
+from .loss_state import FeatureQueue, MomentumCentre
 from .mae_decoder import MAEDecoder
 from .relation_head import RelationHead
 from .vit import VIT_CONFIGS, Attention, Block, DropPath, Mlp, PatchEmbed, ViT, vit_config
@@ -7,4 +9,5 @@ from .vit import VIT_CONFIGS, Attention, Block, DropPath, Mlp, PatchEmbed, ViT, 
 __all__ = [
     "ViT", "RelationHead", "MAEDecoder", "VIT_CONFIGS", "vit_config", "PatchEmbed", "Attention", "Mlp", "Block", "DropPath",
     "sincos_1d_pos_embed", "sincos_2d_pos_embed", "resample_pos_embed",
+    "MLPHead", "projection_head", "prediction_head", "MomentumCentre", "FeatureQueue",
 ]
