@@ -61,8 +61,8 @@ def spy_backends(monkeypatch, chosen):
     for name, table in (("masked_patch_embed", PATCH_EMBED_BACKENDS), ("masked_pixel_loss", PIXEL_LOSS_BACKENDS)):
         select = table.select
 
-        def recording(device, requested=None, _select=select, _name=name):
-            backend = _select(device, requested)
+        def recording(device, dtype, requested=None, _select=select, _name=name):
+            backend = _select(device, dtype, requested)
             chosen.append((_name, backend))
             return backend
 
@@ -74,8 +74,8 @@ def test_mae_train_step(benchmark, monkeypatch, case):
     backend = CASES[case]
     monkeypatch.setenv("VITFAST_BACKEND", backend)
     # The environment alone picks the backend, with no fallback (a fallback would also warn).
-    assert PATCH_EMBED_BACKENDS.select(CPU) == backend
-    assert PIXEL_LOSS_BACKENDS.select(CPU) == backend
+    assert PATCH_EMBED_BACKENDS.select(CPU, torch.float32) == backend
+    assert PIXEL_LOSS_BACKENDS.select(CPU, torch.float32) == backend
 
     step = make_step()
     chosen = []

@@ -1,13 +1,10 @@
 """masked_patch_embed: every backend against the reference, gradients, registration, errors, helpers."""
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vitfast
 from vitfast.ops import (corrupt_positions, masked_patch_embed, masked_patch_embed_reference, random_masking)
 from vitfast.ops.masked_patch_embed import BACKENDS
 
@@ -178,29 +175,6 @@ def test_bad_arguments_are_named(change, message):
     with pytest.raises(ValueError, match=None) as error:
         masked_patch_embed(**args)
     assert message in str(error.value), str(error.value)
-
-
-def test_backend_selection_and_fallback(monkeypatch):
-    args = _good()
-    with pytest.raises(ValueError, match="backend must be one of"):
-        masked_patch_embed(**args, backend="tpu")
-    monkeypatch.setenv("VITFAST_BACKEND", "torch")
-    assert BACKENDS.select(torch.device("cpu")) == "torch"
-    monkeypatch.setenv("VITFAST_BACKEND", "cuda")  # not runnable on CPU tensors: loud fallback to the CPU backend
-    with pytest.warns(RuntimeWarning, match="backend 'cuda' is not available for cpu tensors"):
-        chosen = BACKENDS.select(torch.device("cpu"), " CUDA")
-    assert chosen == "cpu"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the warning is given once, not on every call
-        masked_patch_embed(**args)
-
-
-def test_available_backends_lists_cpu_and_torch():
-    backends = vitfast.ops.available_backends()
-    assert "cpu" in backends and "torch" in backends
-    assert vitfast.ops.available_backends("masked_patch_embed") == BACKENDS.available()
-
-
 # ---- MAE masking and DILEMMA corruption ----
 
 def mae_official_masking(noise, mask_ratio):

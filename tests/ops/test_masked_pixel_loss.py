@@ -1,7 +1,5 @@
 """masked_pixel_loss: every backend against the reference, the reference against MAE, gradients, registration,
 edge cases (masks, NaN, dtypes) and errors. Triton runs under the interpreter on CPU: shapes stay small."""
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -394,23 +392,3 @@ def test_bad_arguments_are_named(change, message):
         masked_pixel_loss(**args)
     assert message in str(error.value), str(error.value)
     assert str(error.value).startswith("vitfast.ops.masked_pixel_loss: ")
-
-
-def test_backend_selection_and_fallback(monkeypatch):
-    args = _good()
-    with pytest.raises(ValueError, match="backend must be one of"):
-        masked_pixel_loss(**args, backend="tpu")
-    monkeypatch.setenv("VITFAST_BACKEND", "torch")
-    assert BACKENDS.select(torch.device("cpu")) == "torch"
-    monkeypatch.setenv("VITFAST_BACKEND", "cuda")  # not runnable on CPU tensors: loud fallback to the CPU backend
-    with pytest.warns(RuntimeWarning, match="masked_pixel_loss: backend 'cuda' is not available for cpu tensors"):
-        assert BACKENDS.select(torch.device("cpu"), " CUDA") == "cpu"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the warning is given once, not on every call
-        masked_pixel_loss(**args)
-
-
-def test_available_backends_lists_cpu_and_torch():
-    backends = vitfast.ops.available_backends("masked_pixel_loss")
-    assert "cpu" in backends and "torch" in backends
-    assert backends == BACKENDS.available()

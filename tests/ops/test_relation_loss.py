@@ -6,7 +6,6 @@ Under the Triton interpreter (no GPU) the triton backend runs on CPU tensors: ba
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vitfast
 from vitfast.ops import relation_logits, relation_loss, relation_loss_reference, relation_targets
 from vitfast.ops.relation_loss import BACKENDS
 
@@ -451,37 +449,6 @@ def test_bad_arguments_are_named(change, message):
         relation_loss(**args)
     assert message in str(error.value), str(error.value)
     assert str(error.value).startswith("vitfast.ops.relation_loss: ")
-
-
-def test_backend_selection_and_fallback(monkeypatch):
-    args = _good()
-    with pytest.raises(ValueError, match="backend must be one of"):
-        relation_loss(**args, backend="tpu")
-    monkeypatch.setenv("VITFAST_BACKEND", "cuda")  # no CUDA C++ backend for this op: loud fallback
-    with pytest.warns(RuntimeWarning, match="backend 'cuda' is not available for cpu tensors"):
-        chosen = BACKENDS.select(torch.device("cpu"), "cuda")
-    assert chosen == "cpu"
-    monkeypatch.delenv("VITFAST_BACKEND")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        relation_loss(**args)
-    assert "cuda" not in vitfast.ops.available_backends("relation_loss")
-
-
-def test_triton_float64_runs_the_reference(backend_device):
-    device = backend_device("triton")
-    skip_unless_runs("triton", device)
-    q, k, kwargs = make_inputs((2, 16, 4, 5, "shuffled", ("mask",)), torch.float64, device)
-    q.requires_grad_()
-    positions = kwargs.pop("positions")
-    with pytest.warns(RuntimeWarning, match="float64 inputs run the torch reference"):
-        loss = relation_loss(q, k, positions, backend="triton", **kwargs)
-        (d_q,) = torch.autograd.grad(loss, (q,))
-    want = relation_loss_reference(q, k, positions, **kwargs)
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(d_q, torch.autograd.grad(want, (q,))[0])
-
-
 # ---- the Triton launch tables ----
 
 def test_triton_aot_specs_use_the_launch_tables():

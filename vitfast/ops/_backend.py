@@ -1,10 +1,13 @@
 """Backend selection shared by every fused op.
 
-Each op owns a :class:`Backends` table mapping a backend name to an implementation object with
-``forward(...)`` and ``backward(...)``. Which backend runs is decided once per call, at the Python
-boundary, from (in order) the ``backend=`` argument, the environment variable ``VITFAST_BACKEND``,
-and the default preference for the tensors' device. A requested backend that cannot run here falls
-back to the next usable one with a warning, once per (op, requested, chosen) triple — never silently.
+Each op declares its backends once, with :func:`declare_backends`: the reference functions, the names of
+its C++ schemas, its Triton launchers, and the input dtypes each backend accepts. Which backend runs is
+decided once per call, at the Python boundary, from (in order) the ``backend=`` argument, the environment
+variable ``VITFAST_BACKEND``, and the default preference for the tensors' device. A backend that cannot run
+the call (not built, not for this device, or not for this dtype: Triton kernels compute in fp32, so most
+do not take float64) falls back to the first backend of the device's preference that can, with a warning
+once per (op, wanted, chosen, reason): never silently. The reference takes every floating dtype on every
+device, so float64 always runs somewhere.
 
 Backends:
   ``triton``  Triton kernels in ``vitfast.kernels`` (CUDA tensors, or CPU tensors under
@@ -19,12 +22,16 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
+from ._checks import FLOATING
+
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "VITFAST_BACKEND"
+NO_FLOAT64 = (torch.float16, torch.bfloat16, torch.float32)  # kernels that compute in fp32
 
 # Default preference per device type: the fastest first, the reference last.
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -63,93 +70,121 @@ def _has_kernel(schema_name: str, dispatch_key: str) -> bool:
         return False
 
 
-class Backends:
-    """The backend table of one op.
+class Implementation(NamedTuple):
+    forward: Callable
+    backward: Callable
 
-    ``native``: name of the op's schema in ``vitfast_C`` that the C++ backends implement
-    (``cpu`` and ``cuda`` are available when that schema has a kernel for the CPU / CUDA key).
-    ``triton``: dotted module path of the op's Triton launchers.
+
+@dataclass(frozen=True, eq=False)
+class OpBackends:
+    """The backends of one op (build it with :func:`declare_backends`).
+
+    ``reference``: (forward, backward) in plain PyTorch: the ``torch`` backend.
+    ``native``:    (forward, backward) schema names in ``torch.ops.vitfast_C``; ``cpu`` / ``cuda`` run where
+                   the forward schema has a kernel for the CPU / CUDA dispatch key.
+    ``triton``:    (module, forward, backward): the launchers, imported on first use (triton only then).
+    ``dtypes``:    backend name -> the input dtypes it accepts; the op has exactly the backends named here.
     """
 
-    def __init__(self, op_name: str, *, native: Optional[str] = None, triton: Optional[str] = None):
-        self.op_name = op_name
-        self.native = native
-        self.triton_module = triton
-        self.impls: Dict[str, object] = {}
+    op_name: str
+    reference: Tuple[Callable, Callable]
+    dtypes: Mapping[str, Tuple[torch.dtype, ...]]
+    native: Optional[Tuple[str, str]] = None
+    triton: Optional[Tuple[str, str, str]] = None
 
-    def register(self, name: str, impl: object) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-        self.impls[name] = impl
+    def __post_init__(self):
+        for name in self.dtypes:
+            if name not in BACKENDS:
+                raise ValueError(f"{self.op_name}: unknown backend {name!r}; expected one of {BACKENDS}")
+        if set(self.dtypes.get("torch", ())) != set(FLOATING):
+            raise ValueError(f"{self.op_name}: the torch reference must accept every floating dtype (the last fallback)")
+        if ("cpu" in self.dtypes or "cuda" in self.dtypes) and self.native is None:
+            raise ValueError(f"{self.op_name}: the cpu/cuda backends need native=(forward, backward) schema names")
+        if "triton" in self.dtypes and self.triton is None:
+            raise ValueError(f"{self.op_name}: the triton backend needs triton=(module, forward, backward)")
 
-    def runs_on(self, name: str, device: torch.device) -> bool:
-        """Whether backend ``name`` is installed for this op and can run on tensors of ``device``."""
-        if name not in self.impls:
+    def runs_on(self, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
+        """Whether backend ``name`` is declared and installed for this op, runs on ``device`` and takes ``dtype``."""
+        if name not in self.dtypes or (dtype is not None and dtype not in self.dtypes[name]):
             return False
         if name == "torch":
             return True
-        if name == "cpu":
-            return device.type == "cpu" and self.native is not None and _has_kernel(self.native, "CPU")
-        if name == "cuda":
-            return device.type == "cuda" and self.native is not None and _has_kernel(self.native, "CUDA")
-        if name == "triton":
-            on_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
-            return on_device and _triton_importable()
-        return False
+        if name in ("cpu", "cuda"):
+            return device.type == name and _has_kernel(self.native[0], name.upper())
+        # triton
+        on_device = device.type == "cuda" or (device.type == "cpu" and triton_interpreter())
+        return on_device and _triton_importable()
 
     def available(self) -> List[str]:
         """Backends installed for this op on this machine (any device)."""
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         names = [n for n in BACKENDS if any(self.runs_on(n, d) for d in devices)]
-        if "cuda" not in names and self.native and _has_kernel(self.native, "CUDA"):
+        if "cuda" not in names and "cuda" in self.dtypes and _has_kernel(self.native[0], "CUDA"):
             names.append("cuda")  # built, though no GPU is visible now
         return names
 
-    def select(self, device: torch.device, requested: Optional[str] = None) -> str:
-        """Resolve the backend for a call on ``device``; warn once when a request cannot be met."""
-        return _select(self.op_name, device.type, requested)
+    def select(self, device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> str:
+        """Resolve the backend for a call on ``device`` with inputs of ``dtype``; warn once when falling back."""
+        return _select(self.op_name, device.type, dtype, requested)
 
-    def __call__(self, name: str):
-        return self.impls[name]
+    def __call__(self, name: str) -> Implementation:
+        """The forward/backward functions of backend ``name``."""
+        if name == "torch":
+            return Implementation(*self.reference)
+        if name in ("cpu", "cuda"):  # one schema; the dispatcher picks the CPU or CUDA kernel by device
+            extension()
+            return Implementation(*(getattr(torch.ops.vitfast_C, schema) for schema in self.native))
+        module = importlib.import_module(self.triton[0])
+        return Implementation(getattr(module, self.triton[1]), getattr(module, self.triton[2]))
+
+
+_REGISTRY: Dict[str, OpBackends] = {}
+
+
+def declare_backends(op_name: str, **declaration) -> OpBackends:
+    """Declare (and register) the backends of an op; see :class:`OpBackends` for the fields."""
+    table = OpBackends(op_name, **declaration)
+    _REGISTRY[op_name] = table
+    return table
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # Under torch.compile the choice is made once while tracing and baked into the graph.
 @torch.compiler.assume_constant_result
-def _select(op_name: str, device_type: str, requested: Optional[str]) -> str:
+def _select(op_name: str, device_type: str, dtype: torch.dtype, requested: Optional[str]) -> str:
     table = _REGISTRY[op_name]
     device = torch.device(device_type)
+    preference = _PREFERENCE.get(device_type, ("torch",))
     requested = requested or os.environ.get(ENV_VAR) or None
     if requested is not None:
         requested = requested.strip().lower()
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (argument or {ENV_VAR}), got {requested!r}")
-        if table.runs_on(requested, device):
-            return requested
-    preference = _PREFERENCE.get(device_type, ("torch",))
-    chosen = next((n for n in preference if table.runs_on(n, device)), "torch")
-    if requested is not None:
-        _warn_fallback(op_name, requested, chosen, device_type)
+        wanted = requested
+    else:
+        wanted = next((n for n in preference if table.runs_on(n, device)), "torch")
+    if table.runs_on(wanted, device, dtype):
+        return wanted
+    chosen = next((n for n in preference if table.runs_on(n, device, dtype)), "torch")
+    if table.runs_on(wanted, device):
+        reason = f"does not take {_dtype_name(dtype)} inputs"
+    else:
+        reason = f"is not available for {device_type} tensors here"
+    _warn_fallback(op_name, wanted, chosen, reason)
     return chosen
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_fallback(op_name: str, requested: str, chosen: str, device_type: str) -> None:
+def _warn_fallback(op_name: str, wanted: str, chosen: str, reason: str) -> None:
     warnings.warn(
-        f"vitfast.ops.{op_name}: backend {requested!r} is not available for {device_type} tensors here; "
-        f"falling back to {chosen!r} (vitfast.ops.available_backends() lists what is installed)",
+        f"vitfast.ops.{op_name}: backend {wanted!r} {reason}; falling back to {chosen!r} "
+        f"(vitfast.ops.available_backends() lists what is installed)",
         RuntimeWarning,
         stacklevel=5,
     )
-
-
-_REGISTRY: Dict[str, Backends] = {}
-
-
-def op_backends(op_name: str, **kwargs) -> Backends:
-    """Create and register the backend table of a new op."""
-    table = Backends(op_name, **kwargs)
-    _REGISTRY[op_name] = table
-    return table
 
 
 def available_backends(op: Optional[str] = None) -> List[str]:
@@ -160,40 +195,3 @@ def available_backends(op: Optional[str] = None) -> List[str]:
         return _REGISTRY[op].available()
     found = {n for table in _REGISTRY.values() for n in table.available()}
     return [n for n in BACKENDS if n in found]
-
-
-class TritonBackend:
-    """Imports an op's Triton launchers lazily: triton is only imported when the backend is used."""
-
-    def __init__(self, module: str, forward: str, backward: str):
-        self.module, self.forward_name, self.backward_name = module, forward, backward
-
-    @functools.cached_property
-    def _module(self):
-        return importlib.import_module(self.module)
-
-    def forward(self, *args, **kwargs):
-        return getattr(self._module, self.forward_name)(*args, **kwargs)
-
-    def backward(self, *args, **kwargs):
-        return getattr(self._module, self.backward_name)(*args, **kwargs)
-
-
-class NativeBackend:
-    """The C++ ops of ``vitfast._C``; the dispatcher picks the CPU or CUDA kernel by device."""
-
-    def __init__(self, forward: str, backward: str):
-        self.forward_name, self.backward_name = forward, backward
-
-    def forward(self, *args, **kwargs):
-        extension()
-        return getattr(torch.ops.vitfast_C, self.forward_name)(*args, **kwargs)
-
-    def backward(self, *args, **kwargs):
-        extension()
-        return getattr(torch.ops.vitfast_C, self.backward_name)(*args, **kwargs)
-
-
-def function_backend(forward: Callable, backward: Callable):
-    """A backend made of two plain functions (the reference)."""
-    return type("FunctionBackend", (), {"forward": staticmethod(forward), "backward": staticmethod(backward)})()

@@ -1,16 +1,22 @@
-"""Argument validation shared by the ops: one place, one message format.
+"""Argument validation and dtype rules shared by the ops: one place, one message format.
 
 Errors name the argument, what was expected and what arrived, e.g.
 ``keep_idx must be int64 [B, K] with values in [0, 64), got float32 [8, 16]``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Dim = Union[int, str, None]  # an int fixes the size; a str names a size that must agree across arguments
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and statistics are accumulated in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def describe(tensor) -> str:
@@ -73,6 +79,33 @@ class Checker:
         for name, value in others.items():
             if value is not None and value.dtype != reference.dtype:
                 self.fail(f"{name} must have the dtype of {reference_name} ({reference.dtype}), got {describe(value)}")
+
+    def grid(self, positions: Optional[torch.Tensor], grid_size: Optional[int], n: int, device) -> int:
+        """Pair-relation ops: validate ``positions`` [B, N] int64 (cells of an S x S grid) and the grid side S
+        (required with positions; sqrt(N) without). Returns S."""
+        if grid_size is None:
+            if positions is not None:
+                self.fail("grid_size (the side S of the token grid) is required with positions")
+            grid_size = math.isqrt(n)
+            if grid_size * grid_size != n:
+                self.fail(f"N = {n} tokens is not a square grid; pass grid_size")
+        if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
+            self.fail(f"grid_size must be a positive int, got {grid_size!r}")
+        if positions is not None:
+            self.tensor("positions", positions, ("B", "N"), dtypes=(torch.int64,), device=device,
+                        value_range=(0, grid_size * grid_size))
+        elif n > grid_size * grid_size:
+            self.fail(f"N = {n} tokens do not fit a {grid_size}x{grid_size} grid; pass positions")
+        return grid_size
+
+    def pair_mask(self, pair_mask: Optional[torch.Tensor], device) -> None:
+        """Pair-relation ops: ``pair_mask`` is bool [N, N] (shared by the batch) or [B, N, N], or None."""
+        if pair_mask is None:
+            return
+        if not isinstance(pair_mask, torch.Tensor) or pair_mask.dim() == 2:
+            self.tensor("pair_mask", pair_mask, ("N", "N"), dtypes=(torch.bool,), device=device)
+        else:
+            self.tensor("pair_mask", pair_mask, ("B", "N", "N"), dtypes=(torch.bool,), device=device)
 
     def finite(self, **tensors) -> None:
         """Opt-in NaN/Inf check (costs a device sync); used where a NaN would silently poison training."""

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import NativeBackend, TritonBackend, function_backend, op_backends
-from ._checks import Checker
+from ._backend import NO_FLOAT64, declare_backends
+from ._checks import FLOATING, Checker
 
 __all__ = ["masked_patch_embed", "masked_patch_embed_reference"]
 
@@ -84,13 +84,13 @@ def _reference_backward(grad_tokens, images, weight, keep_idx, pos_idx, patch_si
     return d_images, d_weight, d_bias, d_pos
 
 
-BACKENDS = op_backends("masked_patch_embed", native="masked_patch_embed_forward",
-                       triton="vitfast.kernels.masked_patch_embed")
-BACKENDS.register("torch", function_backend(_reference_forward, _reference_backward))
-BACKENDS.register("cpu", NativeBackend("masked_patch_embed_forward", "masked_patch_embed_backward"))
-BACKENDS.register("cuda", NativeBackend("masked_patch_embed_forward", "masked_patch_embed_backward"))
-BACKENDS.register("triton", TritonBackend("vitfast.kernels.masked_patch_embed",
-                                          "masked_patch_embed_forward", "masked_patch_embed_backward"))
+BACKENDS = declare_backends(
+    "masked_patch_embed",
+    reference=(_reference_forward, _reference_backward),
+    native=("masked_patch_embed_forward", "masked_patch_embed_backward"),
+    triton=("vitfast.kernels.masked_patch_embed", "masked_patch_embed_forward", "masked_patch_embed_backward"),
+    dtypes={"triton": NO_FLOAT64, "cuda": FLOATING, "cpu": FLOATING, "torch": FLOATING},
+)
 
 
 # ---- torch.library registration: the op composes with autograd, torch.compile and opcheck ----
@@ -199,7 +199,7 @@ def masked_patch_embed(
         pos_embed = pos_embed.to(dtype) if pos_embed is not None else None
     check.same_dtype("images", images, weight=weight, bias=bias, pos_embed=pos_embed)
 
-    chosen = BACKENDS.select(device, backend)
+    chosen = BACKENDS.select(device, images.dtype, backend)
     contiguous = lambda t: t.contiguous() if t is not None else None
     return _masked_patch_embed_op(images.contiguous(), weight.contiguous(), contiguous(bias), contiguous(pos_embed),
                                   keep_idx.contiguous(), pos_idx.contiguous(), patch, chosen)

@@ -51,8 +51,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._backend import NativeBackend, TritonBackend, function_backend, op_backends
-from ._checks import FLOATING, Checker, _tracing, describe
+from ._backend import declare_backends
+from ._checks import FLOATING, Checker, _tracing, accumulation_dtype, describe
 
 __all__ = ["masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss"]
 
@@ -82,10 +82,6 @@ def masked_pixel_loss_reference(
     if mask.dtype == torch.bool:
         mask = mask.to(loss.dtype)
     return (loss * mask).sum() / mask.sum()
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _loss_dtype(pred: Tensor, images: Tensor) -> torch.dtype:
@@ -120,13 +116,13 @@ def _reference_backward(grad_loss, pred, images, mask, stats, patch_size, norm_p
     return ((pred.to(acc) - target) * (mask * scale).unsqueeze(-1)).to(pred.dtype).contiguous()
 
 
-BACKENDS = op_backends("masked_pixel_loss", native="masked_pixel_loss_forward",
-                       triton="vitfast.kernels.masked_pixel_loss")
-BACKENDS.register("torch", function_backend(_reference_forward, _reference_backward))
-BACKENDS.register("cpu", NativeBackend("masked_pixel_loss_forward", "masked_pixel_loss_backward"))
-BACKENDS.register("cuda", NativeBackend("masked_pixel_loss_forward", "masked_pixel_loss_backward"))
-BACKENDS.register("triton", TritonBackend("vitfast.kernels.masked_pixel_loss",
-                                          "masked_pixel_loss_forward", "masked_pixel_loss_backward"))
+BACKENDS = declare_backends(
+    "masked_pixel_loss",
+    reference=(_reference_forward, _reference_backward),
+    native=("masked_pixel_loss_forward", "masked_pixel_loss_backward"),
+    triton=("vitfast.kernels.masked_pixel_loss", "masked_pixel_loss_forward", "masked_pixel_loss_backward"),
+    dtypes={"triton": FLOATING, "cuda": FLOATING, "cpu": FLOATING, "torch": FLOATING},  # pred's dtype
+)
 
 
 # ---- torch.library registration: the op composes with autograd, torch.compile and opcheck ----
@@ -237,7 +233,7 @@ def masked_pixel_loss(
     pred, images = pred.to(pred_dtype), images.to(images_dtype).contiguous()
     if not _rows_contiguous(pred):  # a batch slice such as MAE's decoder_pred(x)[:, 1:] is used in place
         pred = pred.contiguous()
-    mask = mask.to(_acc_dtype(pred_dtype)).contiguous()
+    mask = mask.to(accumulation_dtype(pred_dtype)).contiguous()
     if not _tracing(mask):
         total = mask.sum()
         message = ("mask.sum() is 0: no patch is masked, so the mean over masked patches is undefined "
@@ -248,7 +244,7 @@ def masked_pixel_loss(
         else:  # no host sync on accelerators: an asynchronous device assert
             torch._assert_async(total != 0, f"vitfast.ops.masked_pixel_loss: {message}")
 
-    chosen = BACKENDS.select(device, backend)
+    chosen = BACKENDS.select(device, pred.dtype, backend)
     loss, _ = _masked_pixel_loss_op(pred, images, mask, patch_size, bool(norm_pix), chosen)
     return loss
 

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import NativeBackend, TritonBackend, function_backend, op_backends
-from ._checks import Checker
+from ._backend import NO_FLOAT64, declare_backends
+from ._checks import FLOATING, Checker, accumulation_dtype
 
 __all__ = ["relation_loss", "relation_loss_reference", "relation_logits", "relation_targets", "DIRECTION_CLASSES"]
 
@@ -74,14 +74,10 @@ def _identity_positions(q: Tensor) -> Tensor:
     return torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _reference_parts(q, k, positions, targets, pair_mask, grid_size):
-    """(logits [B,C,N,N] in opmath, targets [B,N,N], weights [B,N,N] 0/1 in opmath, count 0-d int64)."""
+    """(logits [B,C,N,N] in the accumulation dtype, targets [B,N,N], weights [B,N,N] 0/1 in the accumulation dtype, count 0-d int64)."""
     batch, n = q.shape[0], q.shape[1]
-    logits = relation_logits(q, k).to(_opmath(q.dtype))
+    logits = relation_logits(q, k).to(accumulation_dtype(q.dtype))
     if targets is None:
         targets = relation_targets(_identity_positions(q) if positions is None else positions, grid_size)
     if pair_mask is None:
@@ -99,7 +95,7 @@ def relation_loss_reference(
     return_accuracy: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """The spec: dense logits, direction targets with torch.sign, F.cross_entropy, (masked) mean over pairs."""
-    logits = relation_logits(q, k).to(_opmath(q.dtype))  # [B, C, N, N]
+    logits = relation_logits(q, k).to(accumulation_dtype(q.dtype))  # [B, C, N, N]
     if targets is None:
         if positions is None:
             positions = _identity_positions(q)
@@ -142,12 +138,14 @@ def _reference_backward(grad_loss, count, q, k, positions, targets, pair_mask, g
     return d_q, d_k
 
 
-BACKENDS = op_backends("relation_loss", native="relation_loss_forward", triton="vitfast.kernels.relation_loss")
-BACKENDS.register("torch", function_backend(_reference_forward, _reference_backward))
-BACKENDS.register("cpu", NativeBackend("relation_loss_forward", "relation_loss_backward"))
-BACKENDS.register("triton", TritonBackend("vitfast.kernels.relation_loss", "relation_loss_forward",
-                                          "relation_loss_backward"))
-# No "cuda" entry: on CUDA tensors the triton backend is the fused one (a request for "cuda" falls back loudly).
+# No "cuda" backend: on CUDA tensors the triton backend is the fused one (a request for "cuda" falls back loudly).
+BACKENDS = declare_backends(
+    "relation_loss",
+    reference=(_reference_forward, _reference_backward),
+    native=("relation_loss_forward", "relation_loss_backward"),
+    triton=("vitfast.kernels.relation_loss", "relation_loss_forward", "relation_loss_backward"),
+    dtypes={"triton": NO_FLOAT64, "cpu": FLOATING, "torch": FLOATING},
+)
 
 
 # ---- torch.library registration: the op composes with autograd, torch.compile and opcheck ----
@@ -157,13 +155,13 @@ def _relation_loss_op(
     q: Tensor, k: Tensor, positions: Optional[Tensor], targets: Optional[Tensor], pair_mask: Optional[Tensor],
     grid_size: int, label_smoothing: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss [] opmath, accuracy [] float32, count [] int64 = number of selected pairs)."""
+    """(loss [] accumulation dtype, accuracy [] float32, count [] int64 = number of selected pairs)."""
     return tuple(BACKENDS(backend).forward(q, k, positions, targets, pair_mask, grid_size, label_smoothing))
 
 
 @_relation_loss_op.register_fake
 def _(q, k, positions, targets, pair_mask, grid_size, label_smoothing, backend):
-    return (q.new_empty((), dtype=_opmath(q.dtype)), q.new_empty((), dtype=torch.float32),
+    return (q.new_empty((), dtype=accumulation_dtype(q.dtype)), q.new_empty((), dtype=torch.float32),
             q.new_empty((), dtype=torch.int64))
 
 
@@ -206,35 +204,6 @@ _relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public function ----
 
-def check_grid(check: Checker, positions: Optional[Tensor], grid_size: Optional[int], n: int, device) -> int:
-    """Validate ``positions`` [B, N] and the grid side S (default sqrt(N) without positions); returns S.
-    Shared by the pair-relation ops."""
-    if grid_size is None:
-        if positions is not None:
-            check.fail("grid_size (the side S of the token grid) is required with positions")
-        grid_size = math.isqrt(n)
-        if grid_size * grid_size != n:
-            check.fail(f"N = {n} tokens is not a square grid; pass grid_size")
-    if not isinstance(grid_size, int) or isinstance(grid_size, bool) or grid_size < 1:
-        check.fail(f"grid_size must be a positive int, got {grid_size!r}")
-    if positions is not None:
-        check.tensor("positions", positions, ("B", "N"), dtypes=(torch.int64,), device=device,
-                     value_range=(0, grid_size * grid_size))
-    elif n > grid_size * grid_size:
-        check.fail(f"N = {n} tokens do not fit a {grid_size}x{grid_size} grid; pass positions")
-    return grid_size
-
-
-def check_pair_mask(check: Checker, pair_mask: Optional[Tensor], device) -> None:
-    """``pair_mask``: bool [N, N] (shared by the batch) or [B, N, N], or None."""
-    if pair_mask is None:
-        return
-    if not isinstance(pair_mask, Tensor) or pair_mask.dim() == 2:
-        check.tensor("pair_mask", pair_mask, ("N", "N"), dtypes=(torch.bool,), device=device)
-    else:
-        check.tensor("pair_mask", pair_mask, ("B", "N", "N"), dtypes=(torch.bool,), device=device)
-
-
 def relation_loss(
     q: Tensor, k: Tensor, positions: Optional[Tensor] = None, *, grid_size: Optional[int] = None,
     targets: Optional[Tensor] = None, pair_mask: Optional[Tensor] = None, label_smoothing: float = 0.0,
@@ -261,15 +230,15 @@ def relation_loss(
         if classes != DIRECTION_CLASSES:
             check.fail(f"direction targets from positions have {DIRECTION_CLASSES} classes, but q has C = {classes}; "
                        f"pass targets [B, N, N] int64 for another class count")
-        grid_size = check_grid(check, positions, grid_size, n, device)
-    check_pair_mask(check, pair_mask, device)
+        grid_size = check.grid(positions, grid_size, n, device)
+    check.pair_mask(pair_mask, device)
 
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         q, k = q.to(dtype), k.to(dtype)
     check.same_dtype("q", q, k=k)
 
-    chosen = BACKENDS.select(device, backend)
+    chosen = BACKENDS.select(device, q.dtype, backend)
     contiguous = lambda t: t.contiguous() if t is not None else None
     loss, accuracy, _ = _relation_loss_op(q.contiguous(), k.contiguous(), contiguous(positions), contiguous(targets),
                                           contiguous(pair_mask), int(grid_size), float(label_smoothing), chosen)

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import NativeBackend, TritonBackend, function_backend, op_backends
-from ._checks import Checker
-from .relation_loss import DIRECTION_CLASSES, check_grid, check_pair_mask, relation_targets
+from ._backend import NO_FLOAT64, declare_backends
+from ._checks import FLOATING, Checker, accumulation_dtype
+from .relation_loss import DIRECTION_CLASSES, relation_targets
 
 __all__ = ["relation_mlp_loss", "relation_mlp_loss_reference", "relation_mlp_outputs", "relation_offsets",
            "TASK_OUTPUTS", "ACTIVATIONS"]
@@ -57,10 +57,6 @@ ACTIVATIONS = ("gelu", "relu")
 
 # Elements of one [B, Ti, N, H] hidden tile in the torch backend (a few such buffers are alive at once).
 _TILE_ELEMENTS = 1 << 21
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _identity_positions(u: Tensor) -> Tensor:
@@ -88,7 +84,7 @@ def relation_mlp_loss_reference(
     pair_mask: Optional[Tensor] = None, label_smoothing: float = 0.0, return_accuracy: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """The spec: dense [B, N, N, H] hidden, F.gelu / F.relu, F.cross_entropy or squared error, (masked) mean."""
-    opmath = _opmath(u.dtype)
+    opmath = accumulation_dtype(u.dtype)
     out = relation_mlp_outputs(u.to(opmath), v.to(opmath), weight.to(opmath), bias.to(opmath), activation)
     if positions is None:
         positions = _identity_positions(u)
@@ -157,7 +153,7 @@ def _tile_problem(u, v, weight, bias, positions, pair_mask, grid_size, task, act
 
 
 def _prepare(u, v, weight, bias, positions):
-    opmath = _opmath(u.dtype)
+    opmath = accumulation_dtype(u.dtype)
     if positions is None:
         positions = _identity_positions(u)
     return u.to(opmath), v.to(opmath), weight.to(opmath), bias.to(opmath), positions
@@ -231,12 +227,14 @@ def _torch_backward(grad_loss, count, u, v, weight, bias, positions, pair_mask, 
     return tuple(g.to(dt) if needed else None for g, dt, needed in zip(grads, dtypes, output_mask))
 
 
-BACKENDS = op_backends("relation_mlp_loss", native="relation_mlp_loss_forward",
-                       triton="vitfast.kernels.relation_mlp_loss")
-BACKENDS.register("torch", function_backend(_torch_forward, _torch_backward))
-BACKENDS.register("cpu", NativeBackend("relation_mlp_loss_forward", "relation_mlp_loss_backward"))
-BACKENDS.register("triton", TritonBackend("vitfast.kernels.relation_mlp_loss", "relation_mlp_loss_forward",
-                                          "relation_mlp_loss_backward"))
+# No "cuda" backend: on CUDA tensors the triton backend is the fused one (a request for "cuda" falls back loudly).
+BACKENDS = declare_backends(
+    "relation_mlp_loss",
+    reference=(_torch_forward, _torch_backward),
+    native=("relation_mlp_loss_forward", "relation_mlp_loss_backward"),
+    triton=("vitfast.kernels.relation_mlp_loss", "relation_mlp_loss_forward", "relation_mlp_loss_backward"),
+    dtypes={"triton": NO_FLOAT64, "cpu": FLOATING, "torch": FLOATING},
+)
 
 
 # ---- torch.library registration: the op composes with autograd, torch.compile and opcheck ----
@@ -246,14 +244,14 @@ def _relation_mlp_loss_op(
     u: Tensor, v: Tensor, weight: Tensor, bias: Tensor, positions: Optional[Tensor], pair_mask: Optional[Tensor],
     grid_size: int, task: str, activation: str, label_smoothing: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss [] opmath, accuracy [] float32, count [] int64 = number of selected pairs)."""
+    """(loss [] accumulation dtype, accuracy [] float32, count [] int64 = number of selected pairs)."""
     return tuple(BACKENDS(backend).forward(u, v, weight, bias, positions, pair_mask, grid_size, task, activation,
                                            label_smoothing))
 
 
 @_relation_mlp_loss_op.register_fake
 def _(u, v, weight, bias, positions, pair_mask, grid_size, task, activation, label_smoothing, backend):
-    return (u.new_empty((), dtype=_opmath(u.dtype)), u.new_empty((), dtype=torch.float32),
+    return (u.new_empty((), dtype=accumulation_dtype(u.dtype)), u.new_empty((), dtype=torch.float32),
             u.new_empty((), dtype=torch.int64))
 
 
@@ -325,15 +323,15 @@ def relation_mlp_loss(
         check.fail(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if task == "offset" and (label_smoothing or return_accuracy):
         check.fail('label_smoothing and return_accuracy apply to task="direction" only')
-    grid_size = check_grid(check, positions, grid_size, n, device)
-    check_pair_mask(check, pair_mask, device)
+    grid_size = check.grid(positions, grid_size, n, device)
+    check.pair_mask(pair_mask, device)
 
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         u, v, weight, bias = u.to(dtype), v.to(dtype), weight.to(dtype), bias.to(dtype)
     check.same_dtype("u", u, v=v, weight=weight, bias=bias)
 
-    chosen = BACKENDS.select(device, backend)
+    chosen = BACKENDS.select(device, u.dtype, backend)
     contiguous = lambda t: t.contiguous() if t is not None else None
     loss, accuracy, _ = _relation_mlp_loss_op(u.contiguous(), v.contiguous(), weight.contiguous(), bias.contiguous(),
                                               contiguous(positions), contiguous(pair_mask), int(grid_size), task,
