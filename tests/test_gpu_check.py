@@ -1,0 +1,93 @@
+"""``python -m vitfast.gpu_check --smoke`` runs (so the first GPU session's command cannot rot) and fails loudly.
+
+Cost: one smoke run in a subprocess (~40-60 s on 2 loaded cores: Triton interpreter on the ragged shapes) and one
+narrowed run with a corrupted reference (~15 s).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vitfast.gpu_check import OPS
+from vitfast.gpu_check.cases import CASES
+from vitfast.gpu_check.checks import compare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TRITON_INTERPRET": "1"}
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "smoke.json"
+    result = subprocess.run([sys.executable, "-m", "vitfast.gpu_check", "--smoke", "--out", str(out)], cwd=REPO,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_smoke_report_covers_every_op_backend_dtype(smoke_report):
+    report = smoke_report
+    assert report["ok"] and report["failures"] == [] and report["smoke"]
+    rows = report["sections"]["accuracy"]
+    for op in OPS:
+        case = CASES[op]
+        ran = [r for r in rows if r["op"] == op and r["ok"] is True]
+        assert {r["backend"] for r in ran} >= {"triton"}, op
+        assert {r["dtype"] for r in ran if r["backend"] == "triton"} >= {"fp32", "fp16"}, op
+        for r in ran:  # the output and every gradient were compared, each within its tolerance
+            assert set(r["tensors"]) == {"output"} | {f"d_{n}" for n in case.grads}, (op, r["tensors"].keys())
+            assert all(0 <= t["ratio"] <= 1 for t in r["tensors"].values()), r
+    # masked_pixel_loss has no tl.dot, so its bf16 Triton row runs even under the interpreter's bf16 bug
+    assert any(r["op"] == "masked_pixel_loss" and r["backend"] == "triton" and r["dtype"] == "bf16" and r["ok"]
+               for r in rows)
+    skipped_rows = [r for r in rows if r["ok"] is None]
+    assert all(r["backend"] == "triton" and r["dtype"] == "bf16" and "11584" in r["skipped"] for r in skipped_rows)
+    assert any("cuda backend" in s for s in report["skipped"])
+
+
+def test_smoke_report_repeatability_limits_timing(smoke_report):
+    sections = smoke_report["sections"]
+    assert {r["op"] for r in sections["repeatability"] if r["ok"] and r["differing"] == []} == set(OPS)
+    limits = sections["limits"]
+    assert limits and all(r["ok"] and r["proves_limit"] is False for r in limits)
+    assert any("outside the tail" in name for r in limits for name in r["tensors"])
+    timing = sections["timing"]
+    assert {r["op"] for r in timing} == set(OPS)
+    for op in OPS:
+        names = {r["implementation"] for r in timing if r["op"] == op}
+        assert {"eager reference", "torch.compile(reference)", "vitfast-cpu"} <= names, names
+    for r in timing:
+        assert "error" not in r and r["median_ms"] > 0 and r["floor_bytes"] > 0, r
+        assert isinstance(r["peak_above_floor_bytes"], int)
+
+
+def test_a_wrong_result_makes_it_exit_nonzero(tmp_path):
+    """A reference off by 1 % (a stand-in for a wrong kernel) must fail the run with exit code 1."""
+    out = tmp_path / "fault.json"
+    script = (
+        "import sys, dataclasses\n"
+        "from vitfast.gpu_check import cases, main\n"
+        "case = cases.CASES['masked_pixel_loss']\n"
+        "wrong = lambda x, ref=case.reference: ref(x) * 1.01\n"
+        "cases.CASES['masked_pixel_loss'] = dataclasses.replace(case, reference=wrong)\n"
+        f"sys.exit(main(['--smoke', '--ops', 'masked_pixel_loss', '--sections', 'accuracy', '--out', {str(out)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not report["ok"] and report["failures"]
+    assert all(r["op"] == "masked_pixel_loss" and r["tensors"]["output"]["ratio"] > 1 for r in report["failures"])
+
+
+def test_compare_tolerances():
+    expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert compare(expected.float(), expected, "fp32")["ok"]
+    assert not compare(expected * (1 + 1e-3), expected, "fp32")["ok"]  # 1e-3 relative is far beyond fp32
+    assert compare(expected * (1 + 1e-3), expected, "bf16")["ok"]
+    assert not compare(torch.tensor([1.0, float("nan"), 0.5]), expected, "bf16")["ok"]
+    assert not compare(expected[:2], expected, "bf16")["ok"]
+    assert not compare(torch.tensor([1e-30]), torch.zeros(1), "bf16")["ok"]  # zeros must be met exactly

@@ -1,0 +1,226 @@
+"""The op cases that ``python -m vitfast.gpu_check`` checks and ``benchmarks/run.py`` times.
+
+An :class:`OpCase` knows, for one op, how to build its inputs at a named shape, how to call the fused op
+(``backend=``), the plain-PyTorch reference, and the upstream gradient. Shapes per op:
+
+    "bench*"   the benchmark shapes of the README (benchmarks/run.py times these)
+    "ragged*"  small non-power-of-two shapes with the options switched on (positions, pair masks,
+               label smoothing, duplicate indices, other tasks/activations); tiny enough for the interpreter
+
+Losses get a power-of-two upstream gradient of about the number of averaged terms (a loss scale, exact in
+every dtype), so gradients are O(1) and fp16 ones do not sink into subnormals.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from vitfast import ops
+
+# Absolute (times the largest |expected| of the tensor) and relative tolerance per computation dtype, for
+# a result against the float64 reference computed from the same (already rounded) inputs. They follow the
+# unit roundoff u of the dtype the kernels round to: fp32 accumulation (u = 6e-8, ~1e4 terms), tf32/fp16
+# operands and outputs (u = 4.9e-4, a few roundings), bf16 (u = 3.9e-3). Not yet measured on a GPU.
+TOLERANCES = {
+    "fp32": (2e-5, 2e-5),
+    "tf32": (4e-3, 4e-3),
+    "fp16": (4e-3, 4e-3),
+    "bf16": (2e-2, 2e-2),
+}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _scale_pow2(terms: float) -> float:
+    """A power of two near ``terms``: the loss scale (exact in fp16/bf16/fp32)."""
+    return float(2.0 ** round(math.log2(max(terms, 1.0))))
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op: inputs per shape, the fused call, the reference, the upstream gradient."""
+    name: str
+    shapes: Dict[str, dict]
+    grads: Tuple[str, ...]          # every differentiable input (the accuracy check)
+    bench_grads: Tuple[str, ...]    # the inputs a training step differentiates (the benchmarks)
+    floating: Tuple[str, ...]       # inputs cast to the case's dtype
+    make: Callable                  # make(params, generator) -> dict of fp32/int CPU tensors and options
+    fused: Callable                 # fused(x, backend) -> Tensor
+    reference: Callable             # reference(x) -> Tensor
+    loss_scale: Callable = None     # loss_scale(x) -> float, for scalar losses; None: a random upstream
+
+    def inputs(self, shape: str, dtype: torch.dtype, device, seed: int = 0) -> dict:
+        """Inputs at ``shape``: floating ones in ``dtype`` on ``device``, the rest (indices, masks) moved."""
+        gen = torch.Generator().manual_seed(seed)
+        x = self.make(self.shapes[shape], gen)
+        out = {}
+        for key, value in x.items():
+            if isinstance(value, Tensor):
+                value = value.to(device=device, dtype=dtype if key in self.floating else value.dtype)
+            out[key] = value
+        return out
+
+    def upstream(self, out: Tensor, x: dict, seed: int = 1) -> Tensor:
+        """The gradient fed to ``out.backward``, in out's dtype (the same values in every dtype up to rounding)."""
+        if self.loss_scale is not None:
+            return torch.full_like(out, self.loss_scale(x))
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+
+
+def as_float64(x: dict, floating: Tuple[str, ...]) -> dict:
+    """The same inputs with the floating ones in float64 (the reference's precision)."""
+    return {k: (v.detach().double() if k in floating else v) if isinstance(v, Tensor) else v for k, v in x.items()}
+
+
+# ---- masked_patch_embed ----
+
+def _mpe_make(p, gen):
+    batch, channels, height, width, patch, dim, keep = (p[k] for k in ("B", "C", "H", "W", "p", "D", "K"))
+    n = (height // patch) * (width // patch)
+    positions = n + p.get("extra_pos", 0)
+    x = dict(images=torch.randn(batch, channels, height, width, generator=gen),
+             weight=torch.randn(dim, channels, patch, patch, generator=gen) / math.sqrt(channels * patch * patch),
+             bias=torch.randn(dim, generator=gen), pos_embed=torch.randn(positions, dim, generator=gen))
+    if p.get("duplicates"):  # indices with repeats, positions from a longer table
+        x["keep_idx"] = torch.randint(0, n, (batch, keep), generator=gen)
+        x["pos_idx"] = torch.randint(0, positions, (batch, keep), generator=gen)
+    else:
+        x["keep_idx"] = ops.random_masking(batch, n, 1 - keep / n, generator=gen)[0]
+        x["pos_idx"] = None
+    return x
+
+
+def _mpe_args(x):
+    return x["images"], x["weight"], x["bias"], x["pos_embed"], x["keep_idx"], x["pos_idx"]
+
+
+MASKED_PATCH_EMBED = OpCase(
+    name="masked_patch_embed",
+    shapes={"bench B256 32px p4 D192 r0.75": dict(B=256, C=3, H=32, W=32, p=4, D=192, K=16),
+            "ragged B5 12x20 p4 D70 K7 dup": dict(B=5, C=3, H=12, W=20, p=4, D=70, K=7, duplicates=True,
+                                                  extra_pos=3),
+            "ragged B3 1x16x24 p8 D33 K4": dict(B=3, C=1, H=16, W=24, p=8, D=33, K=4)},
+    grads=("images", "weight", "bias", "pos_embed"),
+    bench_grads=("weight", "bias", "pos_embed"),
+    floating=("images", "weight", "bias", "pos_embed"),
+    make=_mpe_make,
+    fused=lambda x, backend: ops.masked_patch_embed(*_mpe_args(x), backend=backend),
+    reference=lambda x: ops.masked_patch_embed_reference(*_mpe_args(x)),
+)
+
+
+# ---- masked_pixel_loss ----
+
+def _mpl_make(p, gen):
+    batch, channels, height, width, patch = (p[k] for k in ("B", "C", "H", "W", "p"))
+    n = (height // patch) * (width // patch)
+    _, _, mask = ops.random_masking(batch, n, p["ratio"], generator=gen)
+    return dict(pred=torch.randn(batch, n, channels * patch * patch, generator=gen),
+                images=torch.randn(batch, channels, height, width, generator=gen),
+                mask=mask, patch_size=patch, norm_pix=p.get("norm_pix", True))
+
+
+def _mpl_args(x):
+    return x["pred"], x["images"], x["mask"], x["patch_size"], x["norm_pix"]
+
+
+MASKED_PIXEL_LOSS = OpCase(
+    name="masked_pixel_loss",
+    shapes={"bench B256 32px p4 r0.75 norm_pix": dict(B=256, C=3, H=32, W=32, p=4, ratio=0.75),
+            "ragged B5 12x20 p4 r0.6 norm_pix": dict(B=5, C=3, H=12, W=20, p=4, ratio=0.6),
+            "ragged B3 1x16x24 p8 r0.5 raw": dict(B=3, C=1, H=16, W=24, p=8, ratio=0.5, norm_pix=False)},
+    grads=("pred",),
+    bench_grads=("pred",),
+    floating=("pred", "images"),
+    make=_mpl_make,
+    fused=lambda x, backend: ops.masked_pixel_loss(*_mpl_args(x), backend=backend),
+    reference=lambda x: ops.masked_pixel_loss_reference(*_mpl_args(x)),
+    loss_scale=lambda x: _scale_pow2(x["pred"].shape[-1] * float(x["mask"].sum()) / 2),
+)
+
+
+# ---- relation_loss and relation_mlp_loss: shared pair options ----
+
+def _pair_options(p, gen, batch, n):
+    """positions (a random subset of an S x S grid, or None = identity), grid_size, pair_mask [B, N, N] or None."""
+    side = p.get("S", math.isqrt(n))
+    x = dict(positions=None, grid_size=None, pair_mask=None, label_smoothing=p.get("smoothing", 0.0))
+    if p.get("subset"):
+        x["positions"] = torch.stack([torch.randperm(side * side, generator=gen)[:n] for _ in range(batch)])
+        x["grid_size"] = side
+    if p.get("pair_mask"):
+        x["pair_mask"] = torch.rand(batch, n, n, generator=gen) < 0.7
+    return x
+
+
+def _pair_count(x, batch, n):
+    return float(x["pair_mask"].sum()) if x["pair_mask"] is not None else float(batch * n * n)
+
+
+def _rl_make(p, gen):
+    batch, n, classes, head = p["B"], p["N"], 9, p["d_h"]
+    x = dict(q=torch.randn(batch, n, classes, head, generator=gen), k=torch.randn(batch, n, classes, head, generator=gen))
+    x.update(_pair_options(p, gen, batch, n))
+    return x
+
+
+def _rl_call(fn, x, **kw):
+    return fn(x["q"], x["k"], x["positions"], grid_size=x["grid_size"], pair_mask=x["pair_mask"],
+              label_smoothing=x["label_smoothing"], **kw)
+
+
+RELATION_LOSS = OpCase(
+    name="relation_loss",
+    shapes={"bench B64 N64 C9 d_h42": dict(B=64, N=64, d_h=42),
+            "bench B64 N196 C9 d_h42": dict(B=64, N=196, d_h=42),
+            "ragged B3 N13 S5 d_h10 mask ls0.1": dict(B=3, N=13, d_h=10, S=5, subset=True, pair_mask=True,
+                                                      smoothing=0.1)},
+    grads=("q", "k"),
+    bench_grads=("q", "k"),
+    floating=("q", "k"),
+    make=_rl_make,
+    fused=lambda x, backend: _rl_call(ops.relation_loss, x, backend=backend),
+    reference=lambda x: _rl_call(ops.relation_loss_reference, x),
+    loss_scale=lambda x: _scale_pow2(_pair_count(x, x["q"].shape[0], x["q"].shape[1])),
+)
+
+
+def _rml_make(p, gen):
+    batch, n, hidden = p["B"], p["N"], p["H"]
+    outputs = 9 if p.get("task", "direction") == "direction" else 2
+    x = dict(u=torch.randn(batch, n, hidden, generator=gen), v=torch.randn(batch, n, hidden, generator=gen),
+             weight=torch.randn(outputs, hidden, generator=gen) / math.sqrt(hidden),
+             bias=torch.randn(outputs, generator=gen) * 0.1,
+             task=p.get("task", "direction"), activation=p.get("activation", "gelu"))
+    x.update(_pair_options(p, gen, batch, n))
+    if x["grid_size"] is None:
+        x["grid_size"] = p.get("S", math.isqrt(n))
+    return x
+
+
+def _rml_call(fn, x, **kw):
+    return fn(x["u"], x["v"], x["weight"], x["bias"], x["positions"], grid_size=x["grid_size"], task=x["task"],
+              activation=x["activation"], pair_mask=x["pair_mask"], label_smoothing=x["label_smoothing"], **kw)
+
+
+RELATION_MLP_LOSS = OpCase(
+    name="relation_mlp_loss",
+    shapes={"bench B64 N64 H384 gelu direction": dict(B=64, N=64, H=384),
+            "ragged B3 N11 S4 H37 relu offset": dict(B=3, N=11, H=37, S=4, subset=True, task="offset",
+                                                     activation="relu"),
+            "ragged B2 N10 S4 H24 gelu mask ls0.1": dict(B=2, N=10, H=24, S=4, subset=True, pair_mask=True,
+                                                         smoothing=0.1)},
+    grads=("u", "v", "weight", "bias"),
+    bench_grads=("u", "v", "weight", "bias"),
+    floating=("u", "v", "weight", "bias"),
+    make=_rml_make,
+    fused=lambda x, backend: _rml_call(ops.relation_mlp_loss, x, backend=backend),
+    reference=lambda x: _rml_call(ops.relation_mlp_loss_reference, x),
+    loss_scale=lambda x: _scale_pow2(_pair_count(x, x["u"].shape[0], x["u"].shape[1])),
+)
+
+CASES = {case.name: case for case in (MASKED_PATCH_EMBED, MASKED_PIXEL_LOSS, RELATION_LOSS, RELATION_MLP_LOSS)}
