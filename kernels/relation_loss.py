@@ -25,12 +25,10 @@ O(B*N*C*d_h), against O(B*C*N^2*d_h) work. Gradients come out packed in fp32 and
 Everything runs in the base-2 domain (exp2/log2, the 1/sqrt(d_h) scale pre-multiplied by log2(e)). Accumulation is fp32;
 fp16/bf16 dots run on tensor cores, with the d s tile cast to the input dtype *before* the 1/count weight is applied
 (applied to the fp32 dot result instead), so that small weights never underflow in fp16. fp32 dots are IEEE when
-``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise. float64 inputs run the reference (warning once).
+``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise. float64 is not taken (the op's backend
+declaration sends it elsewhere).
 """
-import functools
-import importlib
 import math
-import warnings
 
 import torch
 import triton
@@ -245,18 +243,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # fp32 at "high"/"medium"; ignored for fp16/bf16, which always use tensor cores
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_float64() -> None:
-    warnings.warn("vitfast.kernels.relation_loss: float64 inputs run the torch reference (the Triton kernels "
-                  "compute in fp32)", RuntimeWarning, stacklevel=4)
-
-
-def _reference():
-    # The op module (vitfast.ops re-exports the *function* relation_loss under the same name); imported lazily,
-    # as the op module imports this backend lazily.
-    return importlib.import_module("vitfast.ops.relation_loss")
-
-
 def _padded_dim(d_h: int) -> int:
     return triton.cdiv(d_h, BLOCK_D) * BLOCK_D
 
@@ -294,9 +280,6 @@ def _common(q, positions, targets, pair_mask, grid_size: int, label_smoothing: f
 
 def relation_loss_forward(q, k, positions, targets, pair_mask, grid_size: int, label_smoothing: float):
     """(loss [] fp32, accuracy [] fp32, count [] int64) for q, k [B, N, C, d_h]; inputs validated and contiguous."""
-    if q.dtype == torch.float64:
-        _warn_float64()
-        return _reference()._reference_forward(q, k, positions, targets, pair_mask, grid_size, label_smoothing)
     B, N = q.shape[:2]
     row_loss = torch.empty((B, N), device=q.device, dtype=torch.float32)
     row_hits = torch.empty((2, B, N), device=q.device, dtype=torch.int32)
@@ -315,10 +298,6 @@ def relation_loss_forward(q, k, positions, targets, pair_mask, grid_size: int, l
 def relation_loss_backward(grad_loss, count, q, k, positions, targets, pair_mask, grid_size: int,
                            label_smoothing: float, output_mask) -> tuple:
     """(d_q, d_k) in q's dtype, None where output_mask is False."""
-    if q.dtype == torch.float64:
-        _warn_float64()
-        return _reference()._reference_backward(grad_loss, count, q, k, positions, targets, pair_mask, grid_size,
-                                                label_smoothing, output_mask)
     want_q, want_k = (bool(x) for x in output_mask)
     B, N, C, D = q.shape
     # grad / count / sqrt(d_h) as a device scalar: no host sync.

@@ -22,12 +22,10 @@ the broadcast u_i + v_j and is recomputed chunk by chunk over H; no per-pair sta
 
 Accumulation is fp32; fp16 / bf16 inputs run their dots on tensor cores (h and d out cast to the input dtype; d out
 is in [-1, 1] for direction and the 1/count weight is applied afterwards, so it never underflows). fp32 dots are IEEE
-when ``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise. float64 inputs run the torch backend.
+when ``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise. float64 is not taken (the op's backend
+declaration sends it elsewhere).
 """
-import functools
-import importlib
 import math
-import warnings
 
 import torch
 import triton
@@ -251,16 +249,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # fp32 at "high"/"medium"; ignored for fp16/bf16, which always use tensor cores
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_float64() -> None:
-    warnings.warn("vitfast.kernels.relation_mlp_loss: float64 inputs run the torch backend (the Triton kernels "
-                  "compute in fp32)", RuntimeWarning, stacklevel=4)
-
-
-def _reference():
-    return importlib.import_module("vitfast.ops.relation_mlp_loss")
-
-
 def _common(u, positions, pair_mask, grid_size: int, task: str, activation: str, label_smoothing: float) -> dict:
     B, N, H = u.shape
     C = 9 if task == "direction" else 2
@@ -286,10 +274,6 @@ def _check_task(task: str, activation: str) -> None:
 def relation_mlp_loss_forward(u, v, weight, bias, positions, pair_mask, grid_size: int, task: str, activation: str,
                               label_smoothing: float):
     """(loss [] fp32, accuracy [] fp32, count [] int64); inputs validated and contiguous."""
-    if u.dtype == torch.float64:
-        _warn_float64()
-        return _reference()._torch_forward(u, v, weight, bias, positions, pair_mask, grid_size, task, activation,
-                                           label_smoothing)
     _check_task(task, activation)
     B, N, H = u.shape
     row_loss = torch.empty((B, N), device=u.device, dtype=torch.float32)
@@ -309,10 +293,6 @@ def relation_mlp_loss_forward(u, v, weight, bias, positions, pair_mask, grid_siz
 def relation_mlp_loss_backward(grad_loss, count, u, v, weight, bias, positions, pair_mask, grid_size: int, task: str,
                                activation: str, label_smoothing: float, output_mask) -> tuple:
     """(d_u, d_v, d_weight, d_bias) in their inputs' dtypes, None where output_mask is False."""
-    if u.dtype == torch.float64:
-        _warn_float64()
-        return _reference()._torch_backward(grad_loss, count, u, v, weight, bias, positions, pair_mask, grid_size,
-                                            task, activation, label_smoothing, output_mask)
     _check_task(task, activation)
     B, N, H = u.shape
     C = weight.shape[0]

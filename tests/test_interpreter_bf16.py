@@ -45,5 +45,6 @@ def test_probe_detects_the_bug_it_fixes(interpreter_bf16_dot, monkeypatch):
         return  # Triton's own dot is right: the patch switched itself off, nothing else to check
     from triton.runtime import interpreter
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", interpreter.InterpreterBuilder.create_dot.original)
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "create_dot", builder.create_dot.original)
     assert probe()  # the unpatched interpreter gets the bf16 dot wrong: the probe can fail

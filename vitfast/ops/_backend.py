@@ -97,7 +97,7 @@ class OpBackends:
             if name not in BACKENDS:
                 raise ValueError(f"{self.op_name}: unknown backend {name!r}; expected one of {BACKENDS}")
         if set(self.dtypes.get("torch", ())) != set(FLOATING):
-            raise ValueError(f"{self.op_name}: the torch reference must accept every floating dtype (the last fallback)")
+            raise ValueError(f"{self.op_name}: the torch reference must take every floating dtype")
         if ("cpu" in self.dtypes or "cuda" in self.dtypes) and self.native is None:
             raise ValueError(f"{self.op_name}: the cpu/cuda backends need native=(forward, backward) schema names")
         if "triton" in self.dtypes and self.triton is None:

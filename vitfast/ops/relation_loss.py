@@ -75,7 +75,7 @@ def _identity_positions(q: Tensor) -> Tensor:
 
 
 def _reference_parts(q, k, positions, targets, pair_mask, grid_size):
-    """(logits [B,C,N,N] in the accumulation dtype, targets [B,N,N], weights [B,N,N] 0/1 in the accumulation dtype, count 0-d int64)."""
+    """(logits [B,C,N,N] and weights [B,N,N] 0/1 in the accumulation dtype, targets [B,N,N], count 0-d int64)."""
     batch, n = q.shape[0], q.shape[1]
     logits = relation_logits(q, k).to(accumulation_dtype(q.dtype))
     if targets is None:
