@@ -2,6 +2,8 @@
 // single-threaded BLAS GEMM per tile on a gathered tile of kept patches. Only kept patches are ever
 // embedded, and the gathered tile lives in a per-thread buffer (never a [B*K, C*p*p] tensor).
 // Reduced precision (fp16/bf16) is computed in fp32 and rounded once at the end.
+#include "common.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -43,8 +45,7 @@ void gather_patches(const Geometry& g, const scalar_t* images, const int64_t* ke
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t k = 0; k < g.kept; ++k) {
       const int64_t n = keep_idx[b * g.kept + k];
-      const scalar_t* src = images + ((b * g.channels) * g.height + (n / g.grid_w) * g.patch) * g.width +
-                            (n % g.grid_w) * g.patch;
+      const scalar_t* src = images + cpu::patch_origin(g, b, n);
       acc_t* row = dst + ((b - b0) * g.kept + k) * g.patch_len;
       for (int64_t c = 0; c < g.channels; ++c)
         for (int64_t i = 0; i < g.patch; ++i) {
@@ -63,8 +64,7 @@ void scatter_add_patches(const Geometry& g, const acc_t* src, const int64_t* kee
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t k = 0; k < g.kept; ++k) {
       const int64_t n = keep_idx[b * g.kept + k];
-      acc_t* dst = images + ((b * g.channels) * g.height + (n / g.grid_w) * g.patch) * g.width +
-                   (n % g.grid_w) * g.patch;
+      acc_t* dst = images + cpu::patch_origin(g, b, n);
       const acc_t* row = src + ((b - b0) * g.kept + k) * g.patch_len;
       for (int64_t c = 0; c < g.channels; ++c)
         for (int64_t i = 0; i < g.patch; ++i) {

@@ -8,6 +8,8 @@
 // batch stride), so the decoder output is never copied. Everything is accumulated in opmath (fp32 for
 // fp16/bf16/fp32, fp64 for fp64). The loss is summed per fixed block of kPatchesPerBlock patches and the block
 // sums in order, so it does not depend on the number of threads.
+#include "common.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -69,8 +71,7 @@ Geometry geometry(const at::Tensor& pred, const at::Tensor& images, const at::Te
 template <typename image_t, typename acc_t>
 inline void gather_target(const Geometry& g, const image_t* images, int64_t m, acc_t* target) {
   const int64_t b = m / g.num_patches, n = m % g.num_patches;
-  const image_t* origin = images + ((b * g.channels) * g.height + (n / g.grid_w) * g.patch) * g.width +
-                          (n % g.grid_w) * g.patch;
+  const image_t* origin = images + cpu::patch_origin(g, b, n);
   for (int64_t c = 0; c < g.channels; ++c)
     for (int64_t i = 0; i < g.patch; ++i) {
       const image_t* line = origin + (c * g.height + i) * g.width;
@@ -170,8 +171,7 @@ void backward_impl(const Geometry& g, const at::Tensor& grad_loss, const at::Ten
       const acc_t coef = scale * w;
       const pred_t* row = pred_ptr + g.pred_row(m);
       const int64_t b = m / g.num_patches, n = m % g.num_patches;
-      const image_t* origin = image_ptr + ((b * g.channels) * g.height + (n / g.grid_w) * g.patch) * g.width +
-                              (n % g.grid_w) * g.patch;
+      const image_t* origin = image_ptr + cpu::patch_origin(g, b, n);
       for (int64_t c = 0; c < g.channels; ++c)
         for (int64_t i = 0; i < g.patch; ++i) {
           const image_t* line = origin + (c * g.height + i) * g.width;

@@ -9,15 +9,11 @@
 //             so dK[b] is accumulated in place by one thread (deterministic, no partial buffers); with fewer batch
 //             elements than threads the items are (b, tile) and dK comes from per-tile partials summed in order.
 // Reduced precision (fp16/bf16) is converted to fp32 once; everything accumulates in fp32 (fp64 for fp64).
-// GEMMs go straight to the BLAS that torch links (sgemm_/dgemm_), skipping the dispatcher: a tile GEMM is only
-// ~10 us, so per-call overhead matters. Builds without those symbols fall back to at::addmm_out.
+// GEMMs go straight to the BLAS that torch links (common.h: gemm).
+#include "common.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
@@ -26,73 +22,17 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <vector>
-
-extern "C" {
-// Fortran BLAS (LP64) as exported by libtorch_cpu when torch is built with MKL or OpenBLAS. Weak, so that the
-// extension still loads against a torch without them (then the GEMMs go through at::addmm_out).
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-
-// The element-wise passes are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (ifunc):
-// the extension is built without -march flags, and these passes (C exponentials per pair) would otherwise run SSE2.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define VITFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VITFAST_SIMD_CLONES
-#endif
 
 namespace vitfast {
 namespace {
 
+using cpu::gemm;
+
 // A tile's logits (C * Ti * N values) should stay in L2 between the GEMMs and the element-wise passes. (512 KB vs
 // 1-2 MB tiles measured the same on a 1 MB-L2 Zen 4; larger tiles only help the GEMMs when L2 is larger.)
 constexpr int64_t kTileBytes = 512 * 1024;
-
-// ---- GEMM on row-major matrices ----------------------------------------------------------------------------
-// C[m, n] (ldc) = alpha * op(A) op(B) + beta * C; op(A) is [m, k]: A stored [m, k] (lda), or [k, m] if trans_a.
-template <typename T>
-void gemm(bool use_blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (use_blas) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int ldai = static_cast<int>(ldb), ldbi = static_cast<int>(lda), ldci = static_cast<int>(ldc);
-    if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &ldai, a, &ldbi, &beta, c, &ldci);
-    } else {
-      dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &ldai, a, &ldbi, &beta, c, &ldci);
-    }
-    return;
-  }
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    return trans ? at::from_blob(const_cast<T*>(p), {rows, cols}, {1, ld}, options)
-                 : at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, options);
-  };
-  at::Tensor out = view(c, m, n, ldc, false);
-  // beta = 0 ignores the (uninitialised) contents of C, NaNs included.
-  at::addmm_out(out, out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
-}
-
-bool blas_available(at::ScalarType dtype) {
-  static const bool forced_aten = [] {
-    const char* env = std::getenv("VITFAST_CPU_GEMM");
-    return env != nullptr && std::strcmp(env, "aten") == 0;
-  }();
-  if (forced_aten) return false;
-  return dtype == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr;
-}
 
 // ---- vectorisable exp / log for the float passes ----------------------------------------------------------
 // std::exp does not vectorise without -ffast-math; these are branch-free and accurate to a few ulp.
@@ -104,14 +44,7 @@ inline float fast_exp(float x) {
   const int32_t n_int = std::bit_cast<int32_t>(shifted) - 0x4B400000;
   float r = x - n * 0.693145751953125f;
   r = r - n * 1.428606820309417232e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * std::bit_cast<float>((n_int + 127) << 23);
+  return cpu::exp_taylor<6>(r) * std::bit_cast<float>((n_int + 127) << 23);
 }
 
 inline float fast_log(float x) {
@@ -172,11 +105,7 @@ inline void row_targets(const Tile<T>& t, int64_t i) {
   const int32_t* __restrict rows = t.grid_row;
   const int32_t* __restrict cols = t.grid_col;
 #pragma omp simd
-  for (int64_t j = 0; j < t.n; ++j) {
-    const int32_t dr = (ri > rows[j]) - (ri < rows[j]);
-    const int32_t dc = (ci > cols[j]) - (ci < cols[j]);
-    target[j] = 3 * (dr + 1) + (dc + 1);
-  }
+  for (int64_t j = 0; j < t.n; ++j) target[j] = cpu::direction_class(ri, ci, rows[j], cols[j]);
 }
 
 // Returns false when no pair of the row is selected (the row can be skipped).
@@ -300,6 +229,7 @@ inline __attribute__((always_inline)) void tile_backward(const Tile<T>& t) {
   }
 }
 
+// The float passes are compiled per target (common.h: VITFAST_SIMD_CLONES).
 VITFAST_SIMD_CLONES void tile_forward_f32(const Tile<float>& t, float* loss, float* correct, float* count) {
   tile_forward<float>(t, loss, correct, count);
 }
@@ -315,10 +245,9 @@ void tile_backward_any(const Tile<double>& t) { tile_backward<double>(t); }
 
 // ---- problem geometry and per-thread scratch --------------------------------------------------------------
 struct Problem {
-  int64_t batch, n, classes, dim, grid, tile_rows, tiles, mask_batch_stride;
-  const int64_t* positions;  // [B, N] or null (identity order)
-  const int64_t* targets;    // [B, N, N] or null (direction targets from positions)
-  const bool* mask;          // [N, N] / [B, N, N] or null
+  int64_t batch, n, classes, dim, grid, tile_rows, tiles;
+  const int64_t* targets;  // [B, N, N] or null (direction targets from positions)
+  cpu::PairInputs pairs;   // positions, pair mask
   double keep, spread;
 };
 
@@ -331,9 +260,7 @@ Problem problem(const at::Tensor& q, const at::Tensor& k, const std::optional<at
   Problem p{};
   p.batch = q.size(0), p.n = q.size(1), p.classes = q.size(2), p.dim = q.size(3), p.grid = grid;
   TORCH_CHECK(p.classes >= 2 && p.dim >= 1, "q must have C >= 2 classes and d_h >= 1");
-  const bool has_targets = targets.has_value() && targets->defined();
-  const bool has_positions = positions.has_value() && positions->defined();
-  if (has_targets) {
+  if (targets.has_value() && targets->defined()) {
     TORCH_CHECK(targets->scalar_type() == at::kLong && targets->is_contiguous() &&
                     targets->sizes() == at::IntArrayRef({p.batch, p.n, p.n}),
                 "targets must be contiguous int64 [B, N, N]");
@@ -342,28 +269,13 @@ Problem problem(const at::Tensor& q, const at::Tensor& k, const std::optional<at
     TORCH_CHECK(p.classes == 9, "direction targets need C = 9 classes");
     TORCH_CHECK(grid >= 1, "grid_size must be >= 1");
   }
-  if (has_positions) {
-    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() &&
-                    positions->sizes() == at::IntArrayRef({p.batch, p.n}),
-                "positions must be contiguous int64 [B, N]");
-    p.positions = positions->const_data_ptr<int64_t>();
-  }
-  if (pair_mask.has_value() && pair_mask->defined()) {
-    const at::Tensor& m = *pair_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() &&
-                    (m.sizes() == at::IntArrayRef({p.n, p.n}) || m.sizes() == at::IntArrayRef({p.batch, p.n, p.n})),
-                "pair_mask must be contiguous bool [N, N] or [B, N, N]");
-    p.mask = m.const_data_ptr<bool>();
-    p.mask_batch_stride = m.dim() == 3 ? p.n * p.n : 0;
-  }
+  p.pairs = cpu::pair_inputs(positions, pair_mask, p.batch, p.n);
   p.keep = 1.0 - smoothing;
   p.spread = smoothing / static_cast<double>(p.classes);
   // Balanced row tiles whose logits fit kTileBytes (at least 8 rows).
   const int64_t per_row = std::max<int64_t>(1, p.classes * p.n * element_size);
-  const int64_t max_rows = std::max<int64_t>(8, kTileBytes / per_row);
-  p.tiles = std::max<int64_t>(1, (p.n + max_rows - 1) / max_rows);
-  p.tile_rows = (p.n + p.tiles - 1) / p.tiles;
-  p.tiles = std::max<int64_t>(1, (p.n + p.tile_rows - 1) / p.tile_rows);
+  const cpu::RowTiles tiles = cpu::balanced_row_tiles(p.n, std::max<int64_t>(8, kTileBytes / per_row));
+  p.tile_rows = tiles.rows, p.tiles = tiles.count;
   return p;
 }
 
@@ -378,11 +290,7 @@ struct Scratch {
 
   Tile<T> tile(const Problem& p, int64_t b, int64_t row0) {
     if (p.targets == nullptr && grid_b != b) {
-      for (int64_t j = 0; j < p.n; ++j) {
-        const int64_t cell = p.positions != nullptr ? p.positions[b * p.n + j] : j;
-        ints[2 * p.n + j] = static_cast<int32_t>(cell / p.grid);
-        ints[3 * p.n + j] = static_cast<int32_t>(cell % p.grid);
-      }
+      p.pairs.grid_cells(b, p.n, p.grid, ints.data() + 2 * p.n, ints.data() + 3 * p.n);
       grid_b = b;
     }
     Tile<T> t{};
@@ -393,7 +301,7 @@ struct Scratch {
     t.grid_row = p.targets == nullptr ? ints.data() + 2 * p.n : nullptr;
     t.grid_col = p.targets == nullptr ? ints.data() + 3 * p.n : nullptr;
     t.targets = p.targets != nullptr ? p.targets + b * p.n * p.n : nullptr;
-    t.mask = p.mask != nullptr ? p.mask + b * p.mask_batch_stride : nullptr;
+    t.mask = p.pairs.mask_row(b, 0, p.n);
     t.keep = static_cast<T>(p.keep), t.spread = static_cast<T>(p.spread);
     T* v = values.data();
     t.max = v, t.sum = v + p.n, t.target_logit = v + 2 * p.n, t.logit_sum = v + 3 * p.n, t.weight = v + 4 * p.n;
@@ -416,36 +324,20 @@ void tile_logits(const Problem& p, bool blas, const T* q, const T* k, int64_t b,
 }
 
 template <typename T>
-at::Tensor as_acc(const at::Tensor& x) {
-  // detach(): raw-pointer kernels below autograd; fp16/bf16 are widened once.
-  return x.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
-}
-
-template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                                             const Problem& p) {
-  const at::Tensor q = as_acc<T>(q_in), k = as_acc<T>(k_in);
-  const bool blas = blas_available(q.scalar_type());
-  at::Tensor rows = at::empty({3, p.batch, p.n}, q.options());
-  T* row_loss = rows.data_ptr<T>();
+  const at::Tensor q = cpu::as_acc<T>(q_in), k = cpu::as_acc<T>(k_in);
+  const bool blas = cpu::blas_available(q.scalar_type());
+  std::vector<T> rows(3 * p.batch * p.n);  // per-row loss, correct, count
+  T* row_loss = rows.data();
   T* row_correct = row_loss + p.batch * p.n;
   T* row_count = row_correct + p.batch * p.n;
-  at::parallel_for(0, p.batch * p.tiles, 1, [&](int64_t w0, int64_t w1) {
-    Scratch<T> scratch(p);
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / p.tiles, row0 = (w % p.tiles) * p.tile_rows;
-      const Tile<T> t = scratch.tile(p, b, row0);
-      tile_logits<T>(p, blas, q.const_data_ptr<T>(), k.const_data_ptr<T>(), b, t);
-      tile_forward_any(t, row_loss + b * p.n, row_correct + b * p.n, row_count + b * p.n);
-    }
+  cpu::parallel_items<Scratch<T>>(p.batch, p.tiles, p, [&](Scratch<T>& scratch, int64_t b, int64_t tile) {
+    const Tile<T> t = scratch.tile(p, b, tile * p.tile_rows);
+    tile_logits<T>(p, blas, q.const_data_ptr<T>(), k.const_data_ptr<T>(), b, t);
+    tile_forward_any(t, row_loss + b * p.n, row_correct + b * p.n, row_count + b * p.n);
   });
-  // Fixed-order double sums of the per-row statistics: deterministic whatever the thread count.
-  const at::Tensor totals = rows.reshape({3, -1}).to(at::kDouble).sum(1);
-  const double* s = totals.const_data_ptr<double>();
-  const double count = s[2], denominator = std::max(count, 1.0);
-  const auto scalar = [&](double v, at::ScalarType dtype) { return at::full({}, v, q.options().dtype(dtype)); };
-  return {scalar(s[0] / denominator, q.scalar_type()), scalar(s[1] / denominator, at::kFloat),
-          scalar(std::llround(count), at::kLong)};
+  return cpu::mean_over_pairs(rows.data(), p.batch * p.n, q.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
@@ -465,8 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, cons
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_impl(double grad, const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const Problem& p, bool need_q, bool need_k) {
-  const at::Tensor q = as_acc<T>(q_in), k = as_acc<T>(k_in);
-  const bool blas = blas_available(q.scalar_type());
+  const at::Tensor q = cpu::as_acc<T>(q_in), k = cpu::as_acc<T>(k_in);
+  const bool blas = cpu::blas_available(q.scalar_type());
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const int64_t ld = p.classes * p.dim, per_batch = p.n * ld;
@@ -499,20 +391,14 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(double grad, const at::Tensor& 
     }
   };
   if (whole_batches) {
-    at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
-      Scratch<T> scratch(p);
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t tile = 0; tile < p.tiles; ++tile)
-          run_tile(scratch, b, tile, need_k ? d_k.data_ptr<T>() + b * per_batch : nullptr, tile > 0);
+    cpu::parallel_items<Scratch<T>>(p.batch, 1, p, [&](Scratch<T>& scratch, int64_t b, int64_t) {
+      for (int64_t tile = 0; tile < p.tiles; ++tile)
+        run_tile(scratch, b, tile, need_k ? d_k.data_ptr<T>() + b * per_batch : nullptr, tile > 0);
     });
   } else {
-    at::parallel_for(0, p.batch * p.tiles, 1, [&](int64_t w0, int64_t w1) {
-      Scratch<T> scratch(p);
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t b = w / p.tiles, tile = w % p.tiles;
-        run_tile(scratch, b, tile, need_k ? d_k_parts.data_ptr<T>() + (b * p.tiles + tile) * per_batch : nullptr,
-                 false);
-      }
+    cpu::parallel_items<Scratch<T>>(p.batch, p.tiles, p, [&](Scratch<T>& scratch, int64_t b, int64_t tile) {
+      run_tile(scratch, b, tile, need_k ? d_k_parts.data_ptr<T>() + (b * p.tiles + tile) * per_batch : nullptr,
+               false);
     });
     if (need_k) at::sum_out(d_k, d_k_parts, {1});
   }
@@ -525,18 +411,15 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const a
                                             const std::optional<at::Tensor>& targets,
                                             const std::optional<at::Tensor>& pair_mask, int64_t grid_size,
                                             double label_smoothing, std::array<bool, 2> output_mask) {
-  TORCH_CHECK(grad_loss.numel() == 1 && count.numel() == 1, "grad_loss and count must be scalars");
   const auto [need_q, need_k] = output_mask;
-  const double grad = grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count.item<int64_t>(), 1));
+  const double grad = cpu::mean_grad(grad_loss, count);
   at::Tensor d_q, d_k;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relation_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Problem p = problem(q, k, positions, targets, pair_mask, grid_size, label_smoothing, sizeof(acc_t));
     std::tie(d_q, d_k) = backward_impl<acc_t>(grad, q, k, p, need_q, need_k);
   });
-  d_q = need_q ? d_q.to(q.scalar_type()) : at::empty({0}, q.options());
-  d_k = need_k ? d_k.to(k.scalar_type()) : at::empty({0}, k.options());
-  return {d_q, d_k};
+  return {cpu::requested(d_q, need_q, q), cpu::requested(d_k, need_k, k)};
 }
 
 }  // namespace

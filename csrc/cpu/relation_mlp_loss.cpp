@@ -12,11 +12,10 @@
 //             recomputed: dW[:, k] += dOut h_k, dPre_k = (W[:, k]^T dOut) * act'(pre_k), dU[b, i, k] = sum_j dPre_k,
 //             dVT[b, k, :] += dPre_k.
 // Reduced precision (fp16/bf16) is converted to fp32 once; everything accumulates in fp32 (fp64 for fp64).
+#include "common.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -25,7 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -38,9 +36,8 @@ enum class Task { kDirection, kOffset };
 enum class Activation { kGelu, kRelu };
 
 struct Problem {
-  int64_t batch, n, hidden, outputs, grid, mask_batch_stride;
-  const int64_t* positions;  // [B, N] or null (identity order)
-  const bool* mask;          // [N, N] / [B, N, N] or null
+  int64_t batch, n, hidden, outputs, grid;
+  cpu::PairInputs pairs;  // positions, pair mask
   Task task;
   Activation activation;
   double keep, spread, offset_scale;
@@ -64,30 +61,11 @@ Problem problem(const at::Tensor& u, const at::Tensor& v, const at::Tensor& weig
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == p.outputs && bias.scalar_type() == u.scalar_type(),
               "bias must be [C_out] in u's dtype");
   TORCH_CHECK(grid >= 1, "grid_size must be >= 1");
-  if (positions.has_value() && positions->defined()) {
-    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous() &&
-                    positions->sizes() == at::IntArrayRef({p.batch, p.n}),
-                "positions must be contiguous int64 [B, N]");
-    p.positions = positions->const_data_ptr<int64_t>();
-  }
-  if (pair_mask.has_value() && pair_mask->defined()) {
-    const at::Tensor& m = *pair_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() &&
-                    (m.sizes() == at::IntArrayRef({p.n, p.n}) || m.sizes() == at::IntArrayRef({p.batch, p.n, p.n})),
-                "pair_mask must be contiguous bool [N, N] or [B, N, N]");
-    p.mask = m.const_data_ptr<bool>();
-    p.mask_batch_stride = m.dim() == 3 ? p.n * p.n : 0;
-  }
+  p.pairs = cpu::pair_inputs(positions, pair_mask, p.batch, p.n);
   p.keep = 1.0 - smoothing;
   p.spread = smoothing / static_cast<double>(p.outputs);
   p.offset_scale = 1.0 / static_cast<double>(std::max<int64_t>(grid - 1, 1));  // S = 1: every offset is 0
   return p;
-}
-
-template <typename T>
-at::Tensor as_acc(const at::Tensor& x) {
-  // detach(): raw-pointer kernels below autograd; fp16/bf16 are widened once.
-  return x.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
 }
 
 // fp32 GELU rows run N * H erf (and exp) per query row: libm's scalar calls would dominate, so the float path uses
@@ -95,11 +73,6 @@ at::Tensor as_acc(const at::Tensor& x) {
 // |r| <= ln2/2 and a degree-7 Taylor polynomial (rel. error < 1e-8 before rounding), and erf(z) for z >= 0 from
 // Abramowitz & Stegun 7.1.26 (abs. error <= 1.5e-7), whose exp(-z^2) with z = |x|/sqrt(2) is also the GELU slope's
 // exp(-x^2/2). fp64 keeps std::erf / std::exp (gradcheck runs there).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define VITFAST_MLP_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VITFAST_MLP_SIMD_CLONES
-#endif
 
 inline float exp_nonpositive(float y) {
   // n = round(y / ln2) as an integer; out of range (y < -87, -inf, NaN) gives 0 through the mask below, with no
@@ -109,14 +82,7 @@ inline float exp_nonpositive(float y) {
   const int32_t m = minus_n & in_range;
   const float n = -static_cast<float>(m);
   const float r = (y - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = cpu::exp_taylor<7>(r);
   const int32_t scale_bits = (127 - m) << 23;  // 2^-m, a normal float
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
@@ -199,11 +165,7 @@ struct Row {
 
   void cells(const Problem& p, int64_t b) {
     if (grid_b == b) return;
-    for (int64_t j = 0; j < p.n; ++j) {
-      const int64_t cell = p.positions != nullptr ? p.positions[b * p.n + j] : j;
-      grid_row[j] = static_cast<int32_t>(cell / p.grid);
-      grid_col[j] = static_cast<int32_t>(cell % p.grid);
-    }
+    p.pairs.grid_cells(b, p.n, p.grid, grid_row.data(), grid_col.data());
     grid_b = b;
   }
 
@@ -247,7 +209,7 @@ struct Row {
 
   // Per-pair loss of row i (into the row sums) and, with grad != 0, dOut = grad * d loss / d out (0 off the mask).
   void losses(const Problem& p, int64_t b, int64_t i, T grad, T* loss_sum, T* correct_sum, T* count_sum) {
-    const bool* mask = p.mask != nullptr ? p.mask + b * p.mask_batch_stride + i * p.n : nullptr;
+    const bool* mask = p.pairs.mask_row(b, i, p.n);
     const int64_t classes = p.outputs;
     const T keep = static_cast<T>(p.keep), spread = static_cast<T>(p.spread);
     const T offset_scale = static_cast<T>(p.offset_scale);
@@ -260,7 +222,7 @@ struct Row {
       count += T(1);
       const int32_t d_row = grid_row[i] - grid_row[j], d_col = grid_col[i] - grid_col[j];
       if (p.task == Task::kDirection) {
-        const int64_t target = 3 * ((d_row > 0) - (d_row < 0) + 1) + ((d_col > 0) - (d_col < 0) + 1);
+        const int64_t target = cpu::direction_class(grid_row[i], grid_col[i], grid_row[j], grid_col[j]);
         T best = out[j];
         int64_t argmax = 0;
         T total = out[j];
@@ -293,11 +255,11 @@ struct Row {
 };
 
 // The per-row loops, compiled per target for fp32 (the GELU approximation and the j loops vectorise there).
-VITFAST_MLP_SIMD_CLONES void outputs_f32(Row<float>& row, const Problem& p, const float* u_i, const float* vt_b,
+VITFAST_SIMD_CLONES void outputs_f32(Row<float>& row, const Problem& p, const float* u_i, const float* vt_b,
                                          const float* w, const float* bias) {
   row.outputs(p, u_i, vt_b, w, bias);
 }
-VITFAST_MLP_SIMD_CLONES void hidden_backward_f32(Row<float>& row, const Problem& p, const float* u_i,
+VITFAST_SIMD_CLONES void hidden_backward_f32(Row<float>& row, const Problem& p, const float* u_i,
                                                  const float* vt_b, const float* w, float* d_w_b, float* d_vt_b,
                                                  float* d_u_i) {
   row.hidden_backward(p, u_i, vt_b, w, d_w_b, d_vt_b, d_u_i);
@@ -323,32 +285,21 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& u_in, const at::Tensor& v_in,
                                                             const at::Tensor& w_in, const at::Tensor& bias_in,
                                                             const Problem& p) {
-  const at::Tensor u = as_acc<T>(u_in), w = as_acc<T>(w_in), bias = as_acc<T>(bias_in);
-  const at::Tensor vt = as_acc<T>(v_in).transpose(1, 2).contiguous();  // [B, H, N]
-  at::Tensor rows = at::empty({3, p.batch, p.n}, u.options());
-  T* row_loss = rows.data_ptr<T>();
+  const at::Tensor u = cpu::as_acc<T>(u_in), w = cpu::as_acc<T>(w_in), bias = cpu::as_acc<T>(bias_in);
+  const at::Tensor vt = cpu::as_acc<T>(v_in).transpose(1, 2).contiguous();  // [B, H, N]
+  std::vector<T> rows(3 * p.batch * p.n);  // per-row loss, correct, count
+  T* row_loss = rows.data();
   T* row_correct = row_loss + p.batch * p.n;
   T* row_count = row_correct + p.batch * p.n;
-  at::parallel_for(0, p.batch * p.n, 1, [&](int64_t r0, int64_t r1) {
-    Row<T> row(p);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / p.n, i = r % p.n;
-      row.cells(p, b);
-      outputs_any(row, p, u.const_data_ptr<T>() + r * p.hidden, vt.const_data_ptr<T>() + b * p.hidden * p.n,
-                  w.const_data_ptr<T>(), bias.const_data_ptr<T>());
-      row.losses(p, b, i, T(0), row_loss + r, row_correct + r, row_count + r);
-    }
+  // Work item = one query row (b, i).
+  cpu::parallel_items<Row<T>>(p.batch, p.n, p, [&](Row<T>& row, int64_t b, int64_t i) {
+    const int64_t r = b * p.n + i;
+    row.cells(p, b);
+    outputs_any(row, p, u.const_data_ptr<T>() + r * p.hidden, vt.const_data_ptr<T>() + b * p.hidden * p.n,
+                w.const_data_ptr<T>(), bias.const_data_ptr<T>());
+    row.losses(p, b, i, T(0), row_loss + r, row_correct + r, row_count + r);
   });
-  // Fixed-order double sums of the per-row statistics: deterministic whatever the thread count.
-  double sums[3] = {0, 0, 0};
-  for (int s = 0; s < 3; ++s)
-    for (int64_t r = 0; r < p.batch * p.n; ++r) sums[s] += static_cast<double>(row_loss[s * p.batch * p.n + r]);
-  const double denominator = std::max(sums[2], 1.0);
-  const auto scalar = [&](double value, at::ScalarType dtype) {
-    return at::full({}, value, u.options().dtype(dtype));
-  };
-  return {scalar(sums[0] / denominator, u.scalar_type()), scalar(sums[1] / denominator, at::kFloat),
-          scalar(static_cast<double>(std::llround(sums[2])), at::kLong)};
+  return cpu::mean_over_pairs(rows.data(), p.batch * p.n, u.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& u, const at::Tensor& v,
@@ -368,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& u, cons
 template <typename T>
 std::array<at::Tensor, 4> backward_impl(double grad, const at::Tensor& u_in, const at::Tensor& v_in,
                                         const at::Tensor& w_in, const at::Tensor& bias_in, const Problem& p) {
-  const at::Tensor u = as_acc<T>(u_in), w = as_acc<T>(w_in), bias = as_acc<T>(bias_in);
-  const at::Tensor vt = as_acc<T>(v_in).transpose(1, 2).contiguous();  // [B, H, N]
+  const at::Tensor u = cpu::as_acc<T>(u_in), w = cpu::as_acc<T>(w_in), bias = cpu::as_acc<T>(bias_in);
+  const at::Tensor vt = cpu::as_acc<T>(v_in).transpose(1, 2).contiguous();  // [B, H, N]
   at::Tensor d_u = at::empty(u.sizes(), u.options());
   at::Tensor d_vt = at::zeros(vt.sizes(), u.options());
   at::Tensor d_w_parts = at::zeros({p.batch, p.outputs, p.hidden}, u.options());
@@ -379,27 +330,25 @@ std::array<at::Tensor, 4> backward_impl(double grad, const at::Tensor& u_in, con
   const T* wp = w.const_data_ptr<T>();
   const T* biasp = bias.const_data_ptr<T>();
   const T g = static_cast<T>(grad);
-  at::parallel_for(0, p.batch, 1, [&](int64_t b0, int64_t b1) {
-    Row<T> row(p);
-    for (int64_t b = b0; b < b1; ++b) {
-      row.cells(p, b);
-      const T* vt_b = vtp + b * p.hidden * p.n;
-      T* d_vt_b = d_vt.data_ptr<T>() + b * p.hidden * p.n;
-      T* d_w_b = d_w_parts.data_ptr<T>() + b * p.outputs * p.hidden;
-      T* d_bias_b = d_bias_parts.data_ptr<T>() + b * p.outputs;
-      for (int64_t i = 0; i < p.n; ++i) {
-        const T* u_i = up + (b * p.n + i) * p.hidden;
-        T* d_u_i = d_u.data_ptr<T>() + (b * p.n + i) * p.hidden;
-        outputs_any(row, p, u_i, vt_b, wp, biasp);
-        row.losses(p, b, i, g, nullptr, nullptr, nullptr);
-        for (int64_t c = 0; c < p.outputs; ++c) {
-          const T* d_o = row.d_out.data() + c * p.n;
-          T s = 0;
-          for (int64_t j = 0; j < p.n; ++j) s += d_o[j];
-          d_bias_b[c] += s;
-        }
-        hidden_backward_any(row, p, u_i, vt_b, wp, d_w_b, d_vt_b, d_u_i);
+  // Work item = one batch element b.
+  cpu::parallel_items<Row<T>>(p.batch, 1, p, [&](Row<T>& row, int64_t b, int64_t) {
+    row.cells(p, b);
+    const T* vt_b = vtp + b * p.hidden * p.n;
+    T* d_vt_b = d_vt.data_ptr<T>() + b * p.hidden * p.n;
+    T* d_w_b = d_w_parts.data_ptr<T>() + b * p.outputs * p.hidden;
+    T* d_bias_b = d_bias_parts.data_ptr<T>() + b * p.outputs;
+    for (int64_t i = 0; i < p.n; ++i) {
+      const T* u_i = up + (b * p.n + i) * p.hidden;
+      T* d_u_i = d_u.data_ptr<T>() + (b * p.n + i) * p.hidden;
+      outputs_any(row, p, u_i, vt_b, wp, biasp);
+      row.losses(p, b, i, g, nullptr, nullptr, nullptr);
+      for (int64_t c = 0; c < p.outputs; ++c) {
+        const T* d_o = row.d_out.data() + c * p.n;
+        T s = 0;
+        for (int64_t j = 0; j < p.n; ++j) s += d_o[j];
+        d_bias_b[c] += s;
       }
+      hidden_backward_any(row, p, u_i, vt_b, wp, d_w_b, d_vt_b, d_u_i);
     }
   });
   // Partials summed in batch order: deterministic whatever the thread count.
@@ -421,19 +370,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& pair_mask, int64_t grid_size, c10::string_view task,
     c10::string_view activation, double label_smoothing, std::array<bool, 4> output_mask) {
-  TORCH_CHECK(grad_loss.numel() == 1 && count.numel() == 1, "grad_loss and count must be scalars");
-  const double grad = grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(count.item<int64_t>(), 1));
+  const double grad = cpu::mean_grad(grad_loss, count);
   const Problem p = problem(u, v, weight, bias, positions, pair_mask, grid_size, task, activation, label_smoothing);
   std::array<at::Tensor, 4> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "relation_mlp_loss_backward", [&] {
     grads = backward_impl<at::opmath_type<scalar_t>>(grad, u, v, weight, bias, p);
   });
-  const std::array<const at::Tensor*, 4> inputs = {&u, &v, &weight, &bias};
-  for (int x = 0; x < 4; ++x) {
-    grads[x] = output_mask[x] ? grads[x].to(inputs[x]->scalar_type()).contiguous()
-                              : at::empty({0}, inputs[x]->options());
-  }
-  return {grads[0], grads[1], grads[2], grads[3]};
+  return {cpu::requested(grads[0], output_mask[0], u), cpu::requested(grads[1], output_mask[1], v),
+          cpu::requested(grads[2], output_mask[2], weight), cpu::requested(grads[3], output_mask[3], bias)};
 }
 
 }  // namespace
