@@ -91,3 +91,22 @@ def test_compare_tolerances():
     assert not compare(torch.tensor([1.0, float("nan"), 0.5]), expected, "bf16")["ok"]
     assert not compare(expected[:2], expected, "bf16")["ok"]
     assert not compare(torch.tensor([1e-30]), torch.zeros(1), "bf16")["ok"]  # zeros must be met exactly
+
+
+def test_traffic_counts_bytes_and_flops_of_aten_ops():
+    """The unfused column's counter on a known composition: (a @ b).sum() with a broadcast add."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitfast.traffic import _Log, table
+    a, b = torch.ones(8, 4, device="meta"), torch.ones(4, 16, device="meta")
+    bias = torch.ones(16, device="meta").expand(8, 16)  # broadcast: read once (16 floats)
+    log, flops = _Log(), FlopCounterMode(display=False)
+    with flops, log:
+        ((a @ b) + bias).sum()
+    # mm: read 32 + 64, write 128; add: read 128 + 16, write 128; sum: read 128, write 1 (floats)
+    assert log.launches == 3 and log.bytes == 4 * (32 + 64 + 128 + 128 + 16 + 128 + 128 + 1)
+    assert flops.get_total_flops() == 2 * 8 * 4 * 16
+    rows = table(torch.float32)
+    assert {r["op"] for r in rows} == set(OPS)
+    for r in rows:  # the point of fusing: fewer bytes than the composition, at every benchmark shape
+        assert 0 < r["fused"]["bytes"] < r["unfused"]["bytes"], r["op"]

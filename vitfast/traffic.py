@@ -1,0 +1,212 @@
+"""Bytes moved and FLOPs on paper, per op at its benchmark shape: the fused kernels vs the unfused PyTorch composition.
+
+    python -m vitfast.traffic                 # fp32 and bf16 tables (markdown)
+
+ESTIMATES, not measurements. Both columns count *compulsory* HBM traffic per launch: every tensor a launch reads
+is read once and every tensor it writes is written once; re-reads that a tile loop makes of an operand (k by every
+i-tile in relation_loss, the weight by every row tile) are assumed to hit L2 and are noted, not counted. FLOPs are
+matmul FLOPs only (2 per multiply-add, what tensor cores execute, padding included); elementwise work (exp, GELU,
+normalisation) is not counted on either side.
+
+- fused: launch by launch from the Triton kernels' loads and stores and the torch glue around them in
+  ``kernels/<op>.py`` (backend ``triton``), as the code stood at 2026-12-01 ~17:00 UTC (see ``SOURCE``). When the
+  kernels change, these formulas must be updated with them.
+- unfused: every aten op that forward + backward of the op's plain-PyTorch reference runs (logged with a
+  TorchDispatchMode on meta tensors, so nothing is computed): each op reads its inputs (broadcast dimensions
+  counted once) and writes its outputs; views are free. FLOPs from ``torch.utils.flop_counter``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+SOURCE = "kernels/*.py as of 2026-12-01 ~17:00 UTC"
+
+
+def _touched_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel must read of ``t``: broadcast (stride 0) dimensions count once."""
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * t.element_size()
+
+
+class _Log(TorchDispatchMode):
+    """Counts the launches and the compulsory bytes of every non-view aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.overloadpacket in (torch.ops.aten.detach, torch.ops.aten.alias):
+            return out
+        tensors_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.launches += 1
+        self.bytes += sum(_touched_bytes(t) for t in tensors_in) + sum(t.numel() * t.element_size() for t in tensors_out)
+        return out
+
+
+def unfused(op: str, shape: str, dtype: torch.dtype) -> dict:
+    """Launches, bytes and matmul FLOPs of forward + backward of the reference (aten ops on meta tensors)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitfast.gpu_check.cases import CASES
+    case = CASES[op]
+    x = case.inputs(shape, dtype, "meta")
+    leaves = {n: x[n].detach().requires_grad_() for n in case.bench_grads}
+    inputs = {**x, **leaves}
+    log, flops = _Log(), FlopCounterMode(display=False)
+    with flops, log:
+        out = case.reference(inputs)
+        out.backward(torch.ones_like(out))
+    return dict(launches=log.launches, bytes=log.bytes, flops=flops.get_total_flops())
+
+
+# ---- fused: one formula per launch, from the kernels' loads and stores ----
+
+def _launch(name: str, read: float, written: float, flops: float = 0.0) -> dict:
+    return dict(name=name, read=int(read), written=int(written), flops=int(flops))
+
+
+def _masked_patch_embed(p: dict, s: int) -> List[dict]:
+    """B256 32px p4 D192 K16; grads of weight, bias, pos_embed (the benchmark's step)."""
+    m, e, d = p["B"] * p["K"], p["C"] * p["p"] ** 2, p["D"]
+    positions = (p["H"] // p["p"]) * (p["W"] // p["p"])
+    split = _mpe_split(m, d, e, positions, s)
+    grads = d * e + d + positions * d
+    launches = [
+        # pixels of the kept patches, weight (re-read per row tile: L2), bias, pos_embed rows, the two index rows
+        _launch("fwd: gather + dot + bias + pos", m * e * s + d * e * s + d * s + positions * d * s + 2 * m * 8,
+                m * d * s, 2 * m * d * e),
+        # grad rows, kept pixels, indices; d_weight by a dot with the pixels, d_pos by a dot with the one-hot rows
+        _launch(f"bwd: d_weight, d_pos, d_bias ({split} row splits)", m * d * s + m * e * s + 2 * m * 8,
+                grads * (4 if split > 1 else s), 2 * m * d * e + 2 * m * d * positions),
+    ]
+    if split > 1:
+        launches.append(_launch("bwd: fixed-order sum of the split partials", split * grads * 4, grads * s))
+    return launches
+
+
+def _mpe_split(m, d, e, positions, s) -> int:
+    """The row split of the d_weight kernel, from the launcher's own plan (shape-only)."""
+    try:
+        from vitfast.kernels.masked_patch_embed import bwd_params_plan
+        dtype = torch.float32 if s == 4 else torch.bfloat16
+        return bwd_params_plan(m, d, e, positions, dtype, True, True)["split"]
+    except Exception:  # noqa: BLE001  (triton not installed, or the plan changed)
+        return 1
+
+
+def _masked_pixel_loss(p: dict, s: int) -> List[dict]:
+    """B256 32px p4 r0.75 norm_pix: the kernels read only masked patch rows of pred and images."""
+    rows = p["B"] * (p["H"] // p["p"]) * (p["W"] // p["p"])
+    masked, e = int(rows * p["ratio"]), p["C"] * p["p"] ** 2
+    return [
+        _launch("fwd: stats + loss partials", rows * 4 + 2 * masked * e * s, rows * 2 * 4),
+        _launch("fwd: finalize", 0, s),
+        _launch("bwd: mask.sum()", rows * 4, 4),
+        _launch("bwd: d_pred (zeros in unmasked rows)", rows * 4 + rows * 2 * 4 + 2 * masked * e * s, rows * e * s),
+    ]
+
+
+def _relation_loss(p: dict, s: int) -> List[dict]:
+    """q, k [B, N, 9, d_h]: packed to [B, 9, N, DP] (DP = 64), fwd, then dq and dk kernels that recompute."""
+    b, n, c, dh = p["B"], p["N"], 9, p["d_h"]
+    dp = 64 * math.ceil(dh / 64)
+    packed, plain = b * c * n * dp, b * n * c * dh
+    pair_dot = 2 * b * c * n * n * dp  # one class-score matmul over all pairs, padding included
+    pack = [_launch("pack q: zero-fill", 0, packed * s), _launch("pack q: copy", plain * s, plain * s)]
+    pack += [_launch("pack k: zero-fill", 0, packed * s), _launch("pack k: copy", plain * s, plain * s)]
+    stats = b * n * 4 * 3
+    return pack + [
+        _launch("fwd: scores + online lse (k re-read per i-tile: L2)", 2 * packed * s + b * n * 8, stats, pair_dot),
+        _launch("fwd: 3 reductions of the row statistics", stats, 3 * 8),
+    ] + [dict(entry, name="bwd " + entry["name"]) for entry in pack] + [
+        _launch("bwd dq: lse pass + score pass + ds @ k", 2 * packed * s + b * n * 8, packed * 4, 3 * pair_dot),
+        _launch("bwd dk: lse pass + score pass + ds^T @ q", 2 * packed * s + b * n * 8, packed * 4, 3 * pair_dot),
+        _launch("bwd: unpack dq (fp32 -> input layout)", plain * 4, plain * s),
+        _launch("bwd: unpack dk", plain * 4, plain * s),
+    ]
+
+
+def _relation_mlp_loss(p: dict, s: int) -> List[dict]:
+    """u, v [B, N, H]; 8 x 8 pair tiles, hidden chunks of 32; classes padded to 16 in the dots."""
+    b, n, h, c, c_pad, tile = p["B"], p["N"], p["H"], 9, 16, 8
+    i_tiles = math.ceil(n / tile)
+    logits = 2 * b * n * n * h * c_pad  # [pairs, H] x [H, 16]
+    uv, stats, fp32 = 2 * b * n * h * s, b * n * 4 * 3, b * n * h * 4
+    dv_part, dw_part = b * i_tiles * n * h * 4, b * i_tiles * c_pad * h * 4
+    launches = [
+        _launch("fwd: hidden + logits + CE per pair tile", uv + c * h * s + b * n * 8, stats, logits),
+        _launch("fwd: 3 reductions of the row statistics", stats, 3 * 8),
+        _launch("bwd: recompute logits, d out, d h, d pre, d W", uv + c * h * s + b * n * 8,
+                fp32 + dv_part + dw_part + b * i_tiles * c_pad * 4, 3 * logits),
+        _launch("bwd: d_u * scale", fp32, fp32),
+        _launch("bwd: sum of the d_v partials over i-tiles, * scale", dv_part + fp32, 2 * fp32),
+        _launch("bwd: sum of the d_W / d_b partials, * scale", dw_part, c * h * 4),
+    ]
+    if s != 4:
+        launches.append(_launch("bwd: cast d_u, d_v to the input dtype", 2 * fp32, 2 * b * n * h * s))
+    return launches
+
+
+FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
+         "relation_loss": _relation_loss, "relation_mlp_loss": _relation_mlp_loss}
+
+
+def fused(op: str, shape: str, dtype: torch.dtype) -> dict:
+    from vitfast.gpu_check.cases import CASES
+    launches = FUSED[op](CASES[op].shapes[shape], torch.tensor([], dtype=dtype).element_size())
+    return dict(launches=len(launches), bytes=sum(x["read"] + x["written"] for x in launches),
+                flops=sum(x["flops"] for x in launches), detail=launches)
+
+
+def table(dtype: torch.dtype = torch.float32) -> List[dict]:
+    """One row per (op, benchmark shape): fused and unfused launches, MB and GFLOP, and their ratios."""
+    from vitfast.gpu_check.cases import CASES
+    rows = []
+    for op, case in CASES.items():
+        for shape in (s for s in case.shapes if s.startswith("bench")):
+            a, b = fused(op, shape, dtype), unfused(op, shape, dtype)
+            rows.append(dict(op=op, shape=shape.replace("bench ", ""), dtype=str(dtype).replace("torch.", ""),
+                             fused=a, unfused=b))
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    lines = ["| op, shape | dtype | launches fused / unfused | HBM MB fused | HBM MB unfused | unfused / fused "
+             "| GFLOP fused | GFLOP unfused |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a, b = r["fused"], r["unfused"]
+        lines.append(f"| {r['op']} {r['shape']} | {r['dtype']} | {a['launches']} / {b['launches']} "
+                     f"| {a['bytes'] / 1e6:.1f} | {b['bytes'] / 1e6:.1f} | {b['bytes'] / max(a['bytes'], 1):.1f}x "
+                     f"| {a['flops'] / 1e9:.2f} | {b['flops'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = table(dtype)
+        print(f"\nEstimates, forward + backward, {str(dtype).replace('torch.', '')} ({SOURCE}):\n")
+        print(markdown(rows))
+        if "--detail" in argv:
+            for r in rows:
+                print(f"\n{r['op']} {r['shape']}:")
+                for x in r["fused"]["detail"]:
+                    print(f"  {x['name']}: read {x['read'] / 1e6:.2f} MB, wrote {x['written'] / 1e6:.2f} MB, "
+                          f"{x['flops'] / 1e9:.3f} GFLOP")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
