@@ -6,7 +6,7 @@
 
 #include <ATen/core/TensorBase.h>
 
-#include "masked_patch_embed.h"  // vitfast::cuda::DType
+#include "common.cuh"  // vitfast::cuda::DType
 
 namespace vitfast::glue {
 

@@ -9,46 +9,14 @@
 //
 // Every kernel is one thread per unit of `vec` elements (16 bytes where sizes and alignment allow) with a
 // flat 32-bit unit index; launchers split problems above kMaxUnitsPerLaunch units into chunks.
-#include "masked_patch_embed.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "masked_patch_embed.h"  // and common.cuh: Pack, Acc, to_acc/from_acc, the dtype/vector dispatch
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
-
-// A device-side bounds check that survives NDEBUG (the indices come from user tensors; the Python
-// boundary validates them, this catches misuse of the raw op). Failing it aborts the kernel with a
-// message naming the condition, like torch's CUDA_KERNEL_ASSERT.
-#define VITFAST_KERNEL_ASSERT(cond)                                   \
-  do {                                                                \
-    if (!(cond)) __assert_fail(#cond, __FILE__, __LINE__, __func__);  \
-  } while (0)
 
 namespace vitfast {
 namespace cuda {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // dst[0..N) += v[0..N) atomically. dst is N-element aligned when `aligned`; Hopper then uses its
 // vector float atomics (one RED per 2 or 4 floats), older GPUs one RED per element.
@@ -171,9 +139,6 @@ scatter_add_patches_kernel(const Pack<T, kVec>* __restrict__ patch_grads, const 
 
 // ---- host side ----
 
-constexpr int kInvalid = static_cast<int>(cudaErrorInvalidValue);
-constexpr int64_t kIndexLimit = int64_t(1) << 31;
-
 inline unsigned blocks_for(int64_t units) {
   return static_cast<unsigned>((units + kThreadsPerBlock - 1) / kThreadsPerBlock);
 }
@@ -248,20 +213,14 @@ void add_bias_pos_impl(T* tokens, int64_t rows, int64_t dim, const T* bias, cons
 template <typename T>
 int add_bias_pos_dispatch(void* tokens, int64_t rows, int64_t dim, const void* bias, const void* pos_embed,
                           const int64_t* pos_idx, int64_t num_positions, cudaStream_t stream) {
-  const uint32_t vec = row_vector_width(sizeof(T), dim, tokens, bias, pos_embed);
+  const uint32_t vec = vector_width(sizeof(T), dim, tokens, bias, pos_embed);
   const auto run = [&](auto vec_constant) {
     add_bias_pos_impl<T, decltype(vec_constant)::value>(static_cast<T*>(tokens), rows, dim,
                                                         static_cast<const T*>(bias), static_cast<const T*>(pos_embed),
                                                         pos_idx, num_positions, stream);
+    return 0;
   };
-  switch (vec) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 4: if constexpr (sizeof(T) <= 4) { run(std::integral_constant<int, 4>{}); break; } return kInvalid;
-    case 8: if constexpr (sizeof(T) <= 2) { run(std::integral_constant<int, 8>{}); break; } return kInvalid;
-    default: return kInvalid;
-  }
-  return 0;
+  return dispatch_vec<T>(vec, run);
 }
 
 template <typename T, int kVec>
@@ -284,19 +243,13 @@ template <typename T>
 int scatter_add_rows_dispatch(const void* grad, int64_t rows, int64_t dim, const int64_t* pos_idx,
                               int64_t num_positions, void* accum, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const uint32_t vec = row_vector_width(sizeof(T), dim, grad);
+  const uint32_t vec = vector_width(sizeof(T), dim, grad);
   const auto run = [&](auto vec_constant) {
     scatter_add_rows_impl<T, decltype(vec_constant)::value>(static_cast<const T*>(grad), rows, dim, pos_idx,
                                                             num_positions, static_cast<A*>(accum), stream);
+    return 0;
   };
-  switch (vec) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 4: if constexpr (sizeof(T) <= 4) { run(std::integral_constant<int, 4>{}); break; } return kInvalid;
-    case 8: if constexpr (sizeof(T) <= 2) { run(std::integral_constant<int, 8>{}); break; } return kInvalid;
-    default: return kInvalid;
-  }
-  return 0;
+  return dispatch_vec<T>(vec, run);
 }
 
 template <typename T, int kVec>
@@ -332,32 +285,9 @@ int scatter_add_patches_dispatch(const void* patch_grads, int64_t batch, int64_t
     scatter_add_patches_impl<T, decltype(vec_constant)::value>(static_cast<const T*>(patch_grads), batch, channels,
                                                                height, width, patch, keep_idx, kept,
                                                                static_cast<A*>(accum), stream);
+    return 0;
   };
-  switch (vec) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 4: if constexpr (sizeof(T) <= 4) { run(std::integral_constant<int, 4>{}); break; } return kInvalid;
-    case 8: if constexpr (sizeof(T) <= 2) { run(std::integral_constant<int, 8>{}); break; } return kInvalid;
-    default: return kInvalid;
-  }
-  return 0;
-}
-
-// Calls fn(T{}) with the element type of `dtype`.
-template <typename Fn>
-int dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: return fn(float{});
-    case DType::kFloat16: return fn(__half{});
-    case DType::kBFloat16: return fn(__nv_bfloat16{});
-    case DType::kFloat64: return fn(double{});
-  }
-  return kInvalid;
-}
-
-inline int launch_status(int status) {
-  // Report a launch failure of this call; a sticky error from earlier work shows up here as well.
-  return status != 0 ? status : static_cast<int>(cudaGetLastError());
+  return dispatch_vec<T>(vec, run);
 }
 
 }  // namespace

@@ -12,69 +12,16 @@
 // row of p pixels of the patch (vec divides p), so one 16/8/4-byte load or store moves the whole unit.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
-
-#if defined(__CUDACC__)
-#define VITFAST_HD __host__ __device__ __forceinline__
-#else
-#define VITFAST_HD inline
-#endif
-
-struct CUstream_st;  // cudaStream_t is `CUstream_st*`; declared here so that no CUDA header is needed
+#include "common.cuh"  // DType, FastDivmod, Stream, vector_width, VITFAST_HD
 
 namespace vitfast {
 namespace cuda {
 
-using Stream = CUstream_st*;
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-inline int dtype_size(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat16: return 2;
-    case DType::kBFloat16: return 2;
-    case DType::kFloat64: return 8;
-  }
-  return 0;
-}
-
 // ---- launch configuration: one place for every kernel of this file ----
 constexpr int kThreadsPerBlock = 256;
-constexpr int kMaxVectorBytes = 16;
 // Every launch covers fewer units than this, so that all per-thread index math (flat unit index, token
 // row, patch index) is 32-bit and can use FastDivmod; the launchers split larger problems into chunks.
 constexpr int64_t kMaxUnitsPerLaunch = int64_t(1) << 30;
-
-// Unsigned division by a runtime-invariant divisor d >= 1 for dividends n < 2^31: one multiply-high,
-// one add, one shift (Granlund & Montgomery 1994, "round-up" method with l = ceil(log2 d)).
-struct FastDivmod {
-  uint32_t divisor = 1;
-  uint32_t multiplier = 1;
-  uint32_t shift = 0;
-
-  FastDivmod() = default;
-  explicit FastDivmod(uint32_t d) : divisor(d) {
-    uint32_t l = 0;
-    while (l < 32 && (uint64_t(1) << l) < d) ++l;
-    shift = l;
-    multiplier = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << l) - d)) / d + 1);
-  }
-
-  VITFAST_HD uint32_t div(uint32_t n) const {
-#if defined(__CUDA_ARCH__)
-    const uint32_t hi = __umulhi(n, multiplier);
-#else
-    const uint32_t hi = uint32_t((uint64_t(n) * multiplier) >> 32);
-#endif
-    return (hi + n) >> shift;  // hi <= n < 2^31: no overflow
-  }
-  VITFAST_HD void divmod(uint32_t n, uint32_t& quotient, uint32_t& remainder) const {
-    quotient = div(n);
-    remainder = n - quotient * divisor;
-  }
-};
 
 // Where the units of a [rows, C*p*p] token-row matrix come from (gather) or go to (scatter) in an image
 // batch with element strides (stride_b, stride_c, stride_h, stride_w).
@@ -111,24 +58,10 @@ struct PatchGeometry {
 inline uint32_t patch_vector_width(int elem_size, int64_t patch, int64_t stride_b, int64_t stride_c,
                                    int64_t stride_h, int64_t stride_w, const void* image_ptr,
                                    const void* rows_ptr) {
-  for (int64_t vec = kMaxVectorBytes / elem_size; vec > 1; vec /= 2) {
-    const uint64_t bytes = uint64_t(vec) * uint64_t(elem_size);
-    if (patch % vec == 0 && stride_w == 1 && stride_b % vec == 0 && stride_c % vec == 0 && stride_h % vec == 0 &&
-        reinterpret_cast<uintptr_t>(image_ptr) % bytes == 0 && reinterpret_cast<uintptr_t>(rows_ptr) % bytes == 0)
-      return uint32_t(vec);
-  }
-  return 1;
-}
-
-// Largest vec (elements) dividing `dim` with every pointer aligned to vec * elem_size (null pointers ignored).
-inline uint32_t row_vector_width(int elem_size, int64_t dim, const void* a, const void* b = nullptr,
-                                 const void* c = nullptr) {
-  for (int64_t vec = kMaxVectorBytes / elem_size; vec > 1; vec /= 2) {
-    const uint64_t bytes = uint64_t(vec) * uint64_t(elem_size);
-    const auto aligned = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-    if (dim % vec == 0 && aligned(a) && aligned(b) && aligned(c)) return uint32_t(vec);
-  }
-  return 1;
+  if (stride_w != 1) return 1;
+  uint32_t vec = vector_width(elem_size, patch, image_ptr, rows_ptr);
+  while (vec > 1 && (stride_b % vec != 0 || stride_c % vec != 0 || stride_h % vec != 0)) vec /= 2;
+  return vec;
 }
 
 // Whole items (images, or token rows) per launch so that one launch covers at most `max_units` units;

@@ -11,38 +11,14 @@
 //
 // Accumulation in fp32 (fp64 for fp64 pred); every group reduction ends with a broadcast of the group
 // leader's value, so all lanes use bit-identical statistics and results do not depend on scheduling.
-#include "masked_pixel_loss.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "masked_pixel_loss.h"  // and common.cuh: Pack, Acc, to_acc/from_acc, the dtype/vector dispatch
 
 #include <cstdint>
-#include <type_traits>
 
 namespace vitfast {
 namespace cuda {
 namespace pixel_loss {
 namespace {
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // The shuffle mask of the G-lane group holding this thread (groups are aligned inside a warp).
 __device__ __forceinline__ unsigned group_lanes(uint32_t group) {
@@ -99,10 +75,10 @@ __device__ __forceinline__ void load_pixels(const TI* __restrict__ src, A (&out)
 template <typename TP, typename TI, int V>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 forward_kernel(const TP* __restrict__ pred, const TI* __restrict__ images,
-               const typename AccOf<TP>::type* __restrict__ mask, typename AccOf<TP>::type* __restrict__ patch_loss,
-               typename AccOf<TP>::type* __restrict__ stats, Geometry g, uint32_t group_log2, bool norm_pix,
+               const typename Acc<TP>::type* __restrict__ mask, typename Acc<TP>::type* __restrict__ patch_loss,
+               typename Acc<TP>::type* __restrict__ stats, Geometry g, uint32_t group_log2, bool norm_pix,
                bool pred_vec) {
-  using A = typename AccOf<TP>::type;
+  using A = typename Acc<TP>::type;
   const uint32_t group = 1u << group_log2;
   const uint32_t lane = threadIdx.x & (group - 1u);
   const uint32_t m = blockIdx.x * (uint32_t(kThreadsPerBlock) >> group_log2) + (threadIdx.x >> group_log2);
@@ -172,10 +148,10 @@ forward_kernel(const TP* __restrict__ pred, const TI* __restrict__ images,
 template <typename TP, typename TI, int V>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 backward_kernel(const TP* __restrict__ pred, const TI* __restrict__ images,
-                const typename AccOf<TP>::type* __restrict__ mask, const typename AccOf<TP>::type* __restrict__ stats,
-                const typename AccOf<TP>::type* __restrict__ scale, TP* __restrict__ d_pred, Geometry g,
+                const typename Acc<TP>::type* __restrict__ mask, const typename Acc<TP>::type* __restrict__ stats,
+                const typename Acc<TP>::type* __restrict__ scale, TP* __restrict__ d_pred, Geometry g,
                 uint32_t group_log2, bool norm_pix, bool pred_vec) {
-  using A = typename AccOf<TP>::type;
+  using A = typename Acc<TP>::type;
   const uint32_t group = 1u << group_log2;
   const uint32_t lane = threadIdx.x & (group - 1u);
   const uint32_t m = blockIdx.x * (uint32_t(kThreadsPerBlock) >> group_log2) + (threadIdx.x >> group_log2);
@@ -214,9 +190,6 @@ backward_kernel(const TP* __restrict__ pred, const TI* __restrict__ images,
 
 // ---- host side ----
 
-constexpr int kInvalid = static_cast<int>(cudaErrorInvalidValue);
-constexpr int64_t kIndexLimit = int64_t(1) << 31;
-
 bool valid_problem(int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t patch, bool norm_pix) {
   if (batch < 0 || channels < 1 || height < 0 || width < 0 || patch < 1) return false;
   if (height % patch != 0 || width % patch != 0) return false;
@@ -247,24 +220,6 @@ int dispatch_pair(DType pred_dtype, DType image_dtype, Fn&& fn) {
   return kInvalid;
 }
 
-// Calls fn(std::integral_constant<int, V>{}) for the vector width vec (V * sizeof(TI) <= 16 bytes).
-template <typename TI, typename Fn>
-int dispatch_vec(uint32_t vec, Fn&& fn) {
-  switch (vec) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 4: if constexpr (sizeof(TI) <= 4) return fn(std::integral_constant<int, 4>{}); break;
-    case 8: if constexpr (sizeof(TI) <= 2) return fn(std::integral_constant<int, 8>{}); break;
-    default: break;
-  }
-  return kInvalid;
-}
-
-inline int launch_status(int status) {
-  // Report a launch failure of this call; a sticky error from earlier work shows up here as well.
-  return status != 0 ? status : static_cast<int>(cudaGetLastError());
-}
-
 }  // namespace
 
 int launch_forward(DType pred_dtype, DType image_dtype, const void* pred, int64_t pred_stride_b,
@@ -276,8 +231,8 @@ int launch_forward(DType pred_dtype, DType image_dtype, const void* pred, int64_
   const int status = dispatch_pair(pred_dtype, image_dtype, [&](auto tp, auto ti) {
     using TP = decltype(tp);
     using TI = decltype(ti);
-    using A = typename AccOf<TP>::type;
-    const uint32_t vec = image_vector_width(sizeof(TI), patch, images);
+    using A = typename Acc<TP>::type;
+    const uint32_t vec = vector_width(sizeof(TI), patch, images);
     const bool pred_vec = pred_vectorised(vec, sizeof(TP), channels, pred_stride_b, pred);
     return dispatch_vec<TI>(vec, [&](auto v) {
       const Geometry g = make_geometry(batch, channels, height, width, patch, pred_stride_b, vec);
@@ -301,8 +256,8 @@ int launch_backward(DType pred_dtype, DType image_dtype, const void* pred, int64
   const int status = dispatch_pair(pred_dtype, image_dtype, [&](auto tp, auto ti) {
     using TP = decltype(tp);
     using TI = decltype(ti);
-    using A = typename AccOf<TP>::type;
-    const uint32_t vec = image_vector_width(sizeof(TI), patch, images);
+    using A = typename Acc<TP>::type;
+    const uint32_t vec = vector_width(sizeof(TI), patch, images);
     const bool pred_vec = pred_vectorised(vec, sizeof(TP), channels, pred_stride_b, pred, d_pred);
     return dispatch_vec<TI>(vec, [&](auto v) {
       const Geometry g = make_geometry(batch, channels, height, width, patch, pred_stride_b, vec);

@@ -16,10 +16,7 @@
 // units l, l + G, l + 2G, ...
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
-
-#include "masked_patch_embed.h"  // FastDivmod, DType, Stream, VITFAST_HD
+#include "common.cuh"  // DType, FastDivmod, Stream, vector_width, VITFAST_HD
 
 namespace vitfast {
 namespace cuda {
@@ -27,7 +24,6 @@ namespace pixel_loss {
 
 // ---- launch configuration: one place for every kernel of this file ----
 constexpr int kThreadsPerBlock = 256;
-constexpr int kMaxVectorBytes = 16;
 constexpr int kMaxGroup = 32;  // lanes per patch: one warp at most (group reductions are warp shuffles)
 constexpr double kNormPixEps = 1e-6;
 
@@ -90,16 +86,6 @@ struct Moments {
     n = total;
   }
 };
-
-// Largest vec (pixels per unit) with vec * image_elem <= 16 bytes, vec | p, and the images base pointer
-// aligned to vec * image_elem (row, plane and image strides are multiples of p, hence of vec).
-inline uint32_t image_vector_width(int image_elem, int64_t patch, const void* images) {
-  for (int64_t vec = kMaxVectorBytes / image_elem; vec > 1; vec /= 2) {
-    const uint64_t bytes = uint64_t(vec) * uint64_t(image_elem);
-    if (patch % vec == 0 && reinterpret_cast<uintptr_t>(images) % bytes == 0) return uint32_t(vec);
-  }
-  return 1;
-}
 
 // Whether the pred elements of a unit can move as one vector of vec * pred_elem bytes: C == 1 (contiguous),
 // every pred-side pointer aligned to it and pred's batch stride a multiple of vec (row starts inside an image

@@ -50,7 +50,7 @@ bool inside(int64_t offset, int64_t count, int64_t size) { return offset >= 0 &&
 template <typename S>
 int64_t add_bias_pos(S* tokens, int64_t rows, int64_t dim, const S* bias, const S* pos_embed,
                      const int64_t* pos_idx, int64_t num_positions, int64_t max_units) {
-  const uint32_t vec = row_vector_width(sizeof(S), dim, tokens, bias, pos_embed);
+  const uint32_t vec = vector_width(sizeof(S), dim, tokens, bias, pos_embed);
   const int64_t row_units = dim / vec;
   const int64_t per_launch = items_per_launch(row_units, max_units);
   if (per_launch == 0) return -2;
@@ -82,7 +82,7 @@ int64_t add_bias_pos(S* tokens, int64_t rows, int64_t dim, const S* bias, const 
 template <typename S>
 int64_t scatter_add_rows(const S* grad, int64_t rows, int64_t dim, const int64_t* pos_idx,
                          int64_t num_positions, double* accum, int64_t max_units) {
-  const uint32_t vec = row_vector_width(sizeof(S), dim, grad);
+  const uint32_t vec = vector_width(sizeof(S), dim, grad);
   const int64_t row_units = dim / vec;
   const int64_t per_launch = items_per_launch(row_units, max_units);
   if (per_launch == 0) return -2;
@@ -453,6 +453,6 @@ def test_fastdivmod(replay):
 
 def test_kernel_sources_do_not_include_torch():
     """The .cu and its header must compile with nvcc alone (see vitfast/compile_check.py)."""
-    for name in ("masked_patch_embed.cu", "masked_patch_embed.h"):
+    for name in ("masked_patch_embed.cu", "masked_patch_embed.h", "common.cuh"):
         includes = [line for line in (HEADER_DIR / name).read_text().splitlines() if line.startswith("#include")]
         assert not any(word in line for line in includes for word in ("torch", "ATen", "c10")), includes

@@ -52,7 +52,7 @@ Plan plan(int64_t image_elem, int64_t pred_elem, uint64_t image_address, uint64_
           uint64_t out_address, int64_t pred_stride_b, int64_t batch, int64_t channels, int64_t height,
           int64_t width, int64_t patch) {
   Plan p;
-  p.vec = image_vector_width(int(image_elem), patch, reinterpret_cast<const void*>(image_address));
+  p.vec = vitfast::cuda::vector_width(int(image_elem), patch, reinterpret_cast<const void*>(image_address));
   p.pred_vec = pred_vectorised(p.vec, int(pred_elem), channels, pred_stride_b,
                                reinterpret_cast<const void*>(pred_address), reinterpret_cast<const void*>(out_address));
   p.g = make_geometry(batch, channels, height, width, patch, pred_stride_b, p.vec);
@@ -205,7 +205,7 @@ int64_t replay_backward(int64_t image_elem, int64_t pred_elem, uint64_t image_ad
 }
 
 int64_t vector_width(int64_t image_elem, int64_t patch, uint64_t image_address) {
-  return image_vector_width(int(image_elem), patch, reinterpret_cast<const void*>(image_address));
+  return vitfast::cuda::vector_width(int(image_elem), patch, reinterpret_cast<const void*>(image_address));
 }
 
 int64_t lanes_per_patch(int64_t units) { return group_size(uint32_t(units)); }
@@ -332,6 +332,19 @@ def test_lanes_per_patch(replay, units, lanes):
 
 def test_kernel_sources_do_not_include_torch():
     """The .cu and its header must compile with nvcc alone (see vitfast/compile_check.py)."""
-    for name in ("masked_pixel_loss.cu", "masked_pixel_loss.h"):
+    for name in ("masked_pixel_loss.cu", "masked_pixel_loss.h", "common.cuh"):
         includes = [line for line in (HEADER_DIR / name).read_text().splitlines() if line.startswith("#include")]
         assert not any(word in line for line in includes for word in ("torch", "ATen", "c10")), includes
+
+
+def test_op_headers_include_only_the_common_header():
+    """Shared CUDA pieces live in common.cuh; no op header or kernel file includes another op's header."""
+    ops = {path.stem for path in HEADER_DIR.glob("*.cu")}
+    for path in sorted(HEADER_DIR.glob("*.cu")) + sorted(HEADER_DIR.glob("*.h")):
+        local = [line.split('"')[1] for line in path.read_text().splitlines() if line.startswith('#include "')]
+        others = [name for name in local if name.split(".")[0] in ops and name.split(".")[0] != path.stem]
+        if path.name == "glue.h":
+            others = [name for name in local if name != "common.cuh"]
+        assert not others, f"{path.name} includes {others}"
+        if path.suffix in (".cu", ".h") and path.name != "glue.h":
+            assert "common.cuh" in local or f"{path.stem}.h" in local, f"{path.name} does not use common.cuh"
