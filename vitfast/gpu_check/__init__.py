@@ -38,7 +38,10 @@ def _parse(argv):
     parser.add_argument("--out", default="gpu_check.json", help="path of the JSON report")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per implementation (20; smoke 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per implementation (20; smoke 1)")
+    parser.add_argument("--timing-dtypes", default="bf16,fp32", help="dtypes of the timing section, in order")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="timing cases that would start later than this after the start are skipped")
     args = parser.parse_args(argv)
     args.ops, args.sections = args.ops.split(","), args.sections.split(",")
     for name, given, known in (("--ops", args.ops, OPS), ("--sections", args.sections, SECTIONS)):
@@ -112,8 +115,9 @@ def run(args) -> dict:
                                                       runs=10 if big else 2),
         "limits": lambda: limits.limits(device, full=big),
         "timing": lambda: checks.timings(device, bench_shapes if big else (lambda c: shapes_of(c)[:1]),
-                                         ["fp32", "bf16"] if gpu else ["fp32"], args.rounds or (20 if big else 1),
-                                         None if gpu else "eager"),
+                                         args.timing_dtypes.split(",") if gpu else ["fp32"],
+                                         args.rounds or (20 if big else 1), None if gpu else "eager",
+                                         deadline=begin + args.budget_s),
     }
     for name in args.sections:
         start = time.time()

@@ -5,6 +5,8 @@ Each section returns a list of JSON-able rows; a row with ``"ok": False`` is a f
 from __future__ import annotations
 
 import contextlib
+import importlib
+import time
 import warnings
 from typing import Dict, List, Optional
 
@@ -61,6 +63,15 @@ def call_backend(case: OpCase, backend: str):
     return fn
 
 
+def backend_takes(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` runs ``op`` for ``dtype`` inputs on ``device`` without falling back (its declaration)."""
+    table = importlib.import_module(f"vitfast.ops.{op}").BACKENDS
+    try:
+        return table.runs_on(backend, device, dtype)
+    except TypeError:  # a declaration without dtypes
+        return table.runs_on(backend, device)
+
+
 def backends_for(op: str, device: torch.device) -> List[str]:
     """The fused backends to check for ``op`` on ``device``: triton and cuda on a GPU; triton and cpu on the CPU."""
     wanted = ("triton", "cuda") if device.type == "cuda" else ("triton", "cpu")
@@ -78,7 +89,9 @@ def accuracy(device, shapes_of, dtypes, skip: Dict) -> List[dict]:
                 reference = None
                 for backend in backends_for(op, device):
                     row = dict(op=op, shape=shape, dtype=dtype_name, backend=backend)
-                    reason = skip.get((backend, dtype_name, op)) or skip.get((backend, dtype_name, None))
+                    reason = skip.get((backend, dtype_name, op))
+                    if not backend_takes(op, backend, device, DTYPES[dtype_name]):
+                        reason = f"{backend} does not take {dtype_name} inputs (its declaration)"
                     if reason:
                         rows.append({**row, "ok": None, "skipped": reason})
                         continue
@@ -111,6 +124,9 @@ def repeatability(device, shapes_of, dtypes, runs: int = 10) -> List[dict]:
             x = case.inputs(shape, DTYPES[dtype_name], device)
             for backend in backends_for(op, device):
                 row = dict(op=op, shape=shape, dtype=dtype_name, backend=backend, runs=runs)
+                if not backend_takes(op, backend, device, DTYPES[dtype_name]):
+                    rows.append({**row, "ok": None, "skipped": f"{backend} does not take {dtype_name} inputs"})
+                    continue
                 try:
                     with matmul_precision(dtype_name):
                         results = [measure.run_step(call_backend(case, backend), x, case.grads,
@@ -128,20 +144,27 @@ def repeatability(device, shapes_of, dtypes, runs: int = 10) -> List[dict]:
     return rows
 
 
-def timings(device, shapes_of, dtypes, rounds: int, compile_backend: Optional[str] = None) -> List[dict]:
-    """Fused (every backend) vs the eager reference vs torch.compile(reference): time and peak above the floor."""
+def timings(device, shapes_of, dtypes, rounds: int, compile_backend: Optional[str] = None,
+            deadline: float = float("inf")) -> List[dict]:
+    """Fused (every backend) vs the eager reference vs torch.compile(reference): time and peak above the floor.
+    Dtype by dtype (the first one first); cases that would start after ``deadline`` (time.time()) are skipped."""
     rows = []
-    for op, case in CASES.items():
-        for shape in shapes_of(case):
-            for dtype_name in dtypes:
+    for dtype_name in dtypes:
+        for op, case in CASES.items():
+            for shape in shapes_of(case):
+                if time.time() > deadline:
+                    rows.append(dict(op=op, shape=shape, dtype=dtype_name, ok=None,
+                                     skipped="time budget spent (--budget-s)"))
+                    continue
                 rows.extend(time_case(case, shape, dtype_name, device, rounds, compile_backend))
     return rows
 
 
-def implementations(case: OpCase, device, compile_backend: Optional[str] = None) -> Dict[str, object]:
+def implementations(case: OpCase, device, dtype: torch.dtype) -> Dict[str, object]:
     """name -> callable on an input dict: each fused backend, the eager reference, torch.compile(reference)."""
     impls = {f"vitfast-{b}": call_backend(case, b) for b in backends_for(case.name, device)
-             if device.type == "cuda" or b != "triton"}  # the interpreter's time means nothing
+             if (device.type == "cuda" or b != "triton")  # the interpreter's time means nothing
+             and backend_takes(case.name, b, device, dtype)}
     impls["eager reference"] = case.reference
     impls["torch.compile(reference)"] = "compile"
     return impls
@@ -157,7 +180,7 @@ def time_case(case: OpCase, shape: str, dtype_name: str, device, rounds: int,
     floor_bytes = measure.tensor_bytes([x[n] for n in grads] * 2 + [v for k, v in x.items()
                                        if isinstance(v, Tensor) and k not in grads])
     rows = []
-    for name, fn in implementations(case, device, compile_backend).items():
+    for name, fn in implementations(case, device, DTYPES[dtype_name]).items():
         row = dict(op=case.name, shape=shape, dtype=dtype_name, implementation=name, device=str(device))
         try:
             with matmul_precision(dtype_name):
