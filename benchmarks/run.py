@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-gemm", action="store_true", help="skip the fp32 GEMM yardstick row")
     parser.add_argument("--note", default="", help="a note stored with every row (e.g. the machine's load)")
     parser.add_argument("--out", default=None, help="path prefix of the .csv and .json files")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
+                        "'eager' only checks that the harness runs)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
         for shape in (s for s in case.shapes if s.startswith("bench")):
             for dtype in args.dtypes.split(","):
                 rounds = args.rounds or (GPU_ROUNDS if device.type == "cuda" else CPU_ROUNDS[op])
-                rows += checks.time_case(case, shape, dtype, device, rounds)
+                rows += checks.time_case(case, shape, dtype, device, rounds, args.compile_backend)
                 print(markdown(finish([r for r in rows if (r["op"], r["shape"]) == (op, shape)], device, args.note)),
                       flush=True)
     if args.mae_step:

@@ -110,3 +110,22 @@ def test_traffic_counts_bytes_and_flops_of_aten_ops():
     assert {r["op"] for r in rows} == set(OPS)
     for r in rows:  # the point of fusing: fewer bytes than the composition, at every benchmark shape
         assert 0 < r["fused"]["bytes"] < r["unfused"]["bytes"], r["op"]
+
+
+def test_benchmark_harness_writes_csv_and_json(tmp_path):
+    """benchmarks/run.py: fused, eager and compiled rows with times and peak above the floor, in CSV and JSON
+    (one round; torch.compile with the eager backend so that no C++ is compiled; ~10 s)."""
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "benchmarks/run.py", "--ops", "masked_pixel_loss", "--rounds", "1",
+                             "--no-gemm", "--compile-backend", "eager", "--note", "test", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["implementation"] for r in rows] == ["vitfast-cpu", "eager reference", "torch.compile(reference)"]
+    for r in rows:
+        assert "error" not in r and r["median_ms"] > 0 and r["note"] == "test" and r["floor_mib"] > 0, r
+    assert rows[0]["median_vs_fused"] == 1.0
+    # the fused op never builds the [B, N, E] normalised target that the eager formula allocates
+    assert rows[0]["peak_above_floor_mib"] < rows[1]["peak_above_floor_mib"]
+    header = (tmp_path / "bench.csv").read_text().splitlines()[0]
+    assert header.startswith("op,shape,dtype,implementation,device,min_ms,median_ms")

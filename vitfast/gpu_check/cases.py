@@ -7,8 +7,9 @@ An :class:`OpCase` knows, for one op, how to build its inputs at a named shape, 
     "ragged*"  small non-power-of-two shapes with the options switched on (positions, pair masks,
                label smoothing, duplicate indices, other tasks/activations); tiny enough for the interpreter
 
-Losses get a power-of-two upstream gradient of about the number of averaged terms (a loss scale, exact in
-every dtype), so gradients are O(1) and fp16 ones do not sink into subnormals.
+Losses get a power-of-two upstream gradient of about the number of averaged terms, at most 2^14 (a loss scale,
+exact in every dtype and finite in an fp16 loss), so gradients are O(1e-2..1) and fp16 ones do not sink into
+subnormals.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "
 
 
 def _scale_pow2(terms: float) -> float:
-    """A power of two near ``terms``: the loss scale (exact in fp16/bf16/fp32)."""
-    return float(2.0 ** round(math.log2(max(terms, 1.0))))
+    """A power of two near ``terms``, at most 2^14: the loss scale (exact in fp16/bf16/fp32, finite in fp16)."""
+    return float(2.0 ** min(14, round(math.log2(max(terms, 1.0)))))
 
 
 @dataclass(frozen=True)
