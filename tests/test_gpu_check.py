@@ -45,7 +45,8 @@ def test_smoke_report_covers_every_op_backend_dtype(smoke_report):
                for r in rows)
     skipped_rows = [r for r in rows if r["ok"] is None]
     assert all(r["backend"] == "triton" and r["dtype"] == "bf16" and "11584" in r["skipped"] for r in skipped_rows)
-    assert any("cuda backend" in s for s in report["skipped"])
+    if not torch.cuda.is_available():
+        assert any("cuda backend" in s for s in report["skipped"])
 
 
 def test_smoke_report_repeatability_limits_timing(smoke_report):
@@ -58,7 +59,8 @@ def test_smoke_report_repeatability_limits_timing(smoke_report):
     assert {r["op"] for r in timing} == set(OPS)
     for op in OPS:
         names = {r["implementation"] for r in timing if r["op"] == op}
-        assert {"eager reference", "torch.compile(reference)", "vitfast-cpu"} <= names, names
+        fused = "vitfast-triton" if torch.cuda.is_available() else "vitfast-cpu"
+        assert {"eager reference", "torch.compile(reference)", fused} <= names, names
     for r in timing:
         assert "error" not in r and r["median_ms"] > 0 and r["floor_bytes"] > 0, r
         assert isinstance(r["peak_above_floor_bytes"], int)
@@ -121,11 +123,14 @@ def test_benchmark_harness_writes_csv_and_json(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["implementation"] for r in rows] == ["vitfast-cpu", "eager reference", "torch.compile(reference)"]
+    names = [r["implementation"] for r in rows]
+    fused = ["vitfast-triton", "vitfast-cuda"] if torch.cuda.is_available() else ["vitfast-cpu"]
+    assert names == [f for f in fused if f in names] + ["eager reference", "torch.compile(reference)"], names
+    assert names[0] in fused
     for r in rows:
         assert "error" not in r and r["median_ms"] > 0 and r["note"] == "test" and r["floor_mib"] > 0, r
     assert rows[0]["median_vs_fused"] == 1.0
     # the fused op never builds the [B, N, E] normalised target that the eager formula allocates
-    assert rows[0]["peak_above_floor_mib"] < rows[1]["peak_above_floor_mib"]
+    assert rows[0]["peak_above_floor_mib"] < rows[-2]["peak_above_floor_mib"]
     header = (tmp_path / "bench.csv").read_text().splitlines()[0]
     assert header.startswith("op,shape,dtype,implementation,device,min_ms,median_ms")

@@ -82,12 +82,12 @@ def run(args) -> dict:
     big = gpu and not args.smoke  # benchmark shapes, limits at full size
     skipped, skip = [], {}
     if args.smoke:
-        skipped += ["benchmark shapes (--smoke: ragged shapes only)",
+        skipped += ["benchmark shapes (--smoke: ragged shapes only); torch.compile runs with backend='eager'",
                     "repeatability: 2 passes instead of 10; timing: one shape per op, one round",
                     "limits at full size (run scaled down: they prove no limit)"]
     if not gpu:
         skipped += ["cuda backend (needs a GPU)", "tf32 (the interpreter computes fp32 dots in IEEE fp32 either way)",
-                    "triton timings (the interpreter's time means nothing); torch.compile runs with backend='eager'",
+                    "triton timings (the interpreter's time means nothing)",
                     "peak memory on the GPU (CPU rows use the profiler's timeline)"]
         from ._probe import interpreter_bf16_dot_ok
         if not interpreter_bf16_dot_ok():
@@ -116,7 +116,7 @@ def run(args) -> dict:
         "limits": lambda: limits.limits(device, full=big),
         "timing": lambda: checks.timings(device, bench_shapes if big else (lambda c: shapes_of(c)[:1]),
                                          args.timing_dtypes.split(",") if gpu else ["fp32"],
-                                         args.rounds or (20 if big else 1), None if gpu else "eager",
+                                         args.rounds or (20 if big else 1), None if big else "eager",
                                          deadline=begin + args.budget_s),
     }
     for name in args.sections:
