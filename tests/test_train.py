@@ -1,6 +1,8 @@
 """The training engine: run folder, exact resume, atomic checkpoints, CLI errors, DDP equivalence."""
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,15 +12,20 @@ import torch
 from vitfast import checkpoint as ckpt
 from vitfast.config import build_config
 from vitfast.engine import CHECKPOINT, Trainer
-from vitfast.train import main
+from vitfast.train import build_parser, config_from_args, main
 
-# A model small enough for a few CPU steps per test.
-TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, patch_size=8, batch_size=32, decoder_dim=32,
-            decoder_depth=1, decoder_heads=2, metrics="", progress=False, warmup_epochs=0.5)
+# A model small enough for a few CPU steps per test (the decoder settings are MAE's own).
+TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, patch_size=8, batch_size=32, metrics="",
+            progress=False, warmup_epochs=0.5)
+TINY_SETTINGS = {"mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)}
+
+
+def tiny(method, **overrides):
+    return {**TINY, **TINY_SETTINGS.get(method, {}), **overrides}
 
 
 def run(tmp_path, name, method="mae", **overrides):
-    config = build_config(method, "quick", out=str(tmp_path / name), **{**TINY, **overrides})
+    config = build_config(method, "quick", out=str(tmp_path / name), **tiny(method, **overrides))
     summary = Trainer(config).fit()
     return summary, ckpt.load(os.path.join(config.out, CHECKPOINT))
 
@@ -44,9 +51,9 @@ def test_resume_is_exact(tmp_path, method):
     steps = full["step"]
     assert steps >= 4
     config = build_config(method, "quick", out=str(tmp_path / "split"), epochs=2, max_steps=steps // 2 + 1,
-                          **TINY)
+                          **tiny(method))
     assert Trainer(config).fit() == {"stopped_at_step": steps // 2 + 1}
-    config = build_config(method, "quick", out=str(tmp_path / "split"), epochs=2, resume=True, **TINY)
+    config = build_config(method, "quick", out=str(tmp_path / "split"), epochs=2, resume=True, **tiny(method))
     Trainer(config).fit()
     resumed = ckpt.load(str(tmp_path / "split" / CHECKPOINT))
     assert resumed["step"] == steps
@@ -95,7 +102,7 @@ def test_init_from_pretraining_run(tmp_path):
     """Fine-tuning: a supervised run initialised from an MAE run starts from the MAE encoder."""
     _, pretrained = run(tmp_path, "mae", method="mae", epochs=1, max_steps=2)
     config = build_config("supervised", "quick", out=str(tmp_path / "ft"), init=str(tmp_path / "mae"),
-                          epochs=1, **TINY)
+                          epochs=1, **tiny("supervised"))
     trainer = Trainer(config)
     weight = trainer.method.model.blocks[0].attn.qkv.weight
     assert torch.equal(weight, pretrained["method"]["model.blocks.0.attn.qkv.weight"])
@@ -121,3 +128,100 @@ def test_two_processes_equal_one_process_with_the_full_batch(tmp_path):
     assert a["step"] == b["step"] == 3
     for key, value in a["method"].items():
         torch.testing.assert_close(b["method"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ----------------------------------------------------------------------------- configs owned by the methods
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def test_presets_resolve_as_before_the_settings_moved():
+    """Every method x preset resolves to the values of the flat config it replaced (pinned in a fixture computed
+    with the code before the move); the keys it no longer carries are other methods' settings."""
+    from vitfast.methods import METHODS
+    with open(os.path.join(FIXTURES, "resolved_presets_format1.json")) as f:
+        before = json.load(f)
+    assert {key.split("/")[0] for key in before} == {"supervised", "mae", "relvit"}
+    for key, old in before.items():
+        method, preset = key.split("/")
+        flat = json.loads(json.dumps(build_config(method, preset).flat()))  # tuples -> lists, as stored
+        assert set(flat) <= set(old), key
+        assert flat == {k: old[k] for k in flat}, key
+        others = {f.name for m, cls in METHODS.items() if m != method for f in dataclasses.fields(cls.Config)}
+        assert set(old) - set(flat) <= others, key
+
+
+def test_settings_reach_the_method_by_flag_set_and_stage(capsys):
+    assert main(["--method", "mae", "--mask-ratio", "0.5", "--set", "decoder_dim=8", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method_config"] == {"mask_ratio": 0.5, "decoder_dim": 8, "decoder_depth": 2, "decoder_heads": 4,
+                                        "norm_pix": True}
+    assert "mask_ratio" not in printed  # not a shared field any more
+    with pytest.raises(SystemExit, match=r"unknown config keys \['mask_ratio'\] for method 'supervised' "
+                                         r"\(mask_ratio is a setting of mae\)"):
+        main(["--method", "supervised", "--set", "mask_ratio=0.5", "--print-config"])
+    config = build_config("relvit", "quick", label_smoothing=0.2)
+    assert config.method_config.label_smoothing == 0.2
+    assert "label_smoothing" not in config.stage_overrides["finetune"]  # the user's value wins in every stage
+    stage = build_config("relvit", "quick").replace(**build_config("relvit", "quick").stage_overrides["finetune"])
+    assert (stage.epochs, stage.method_config.label_smoothing) == (60, 0.1)
+
+
+def format1_copy(tmp_path, name):
+    """A run folder written by vitfast before the method settings moved (flat config.json, format-1 checkpoint;
+    made by the code of commit 5296bd5 with `--max-steps 2 --batch-size 16`, a 16-wide ViT)."""
+    folder = tmp_path / name
+    shutil.copytree(os.path.join(FIXTURES, "format1_runs", name), folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["supervised", "mae"])
+def test_format1_run_folder_resumes(tmp_path, method):
+    """~3 s each: its weights, optimizer and loader position come back exactly, then one more step runs."""
+    folder = format1_copy(tmp_path, method)
+    old = ckpt.load(str(folder / CHECKPOINT))
+    assert old["format"] == 1 and "encoder" not in old
+    args = build_parser().parse_args(["--resume", "--out", str(folder), "--max-steps", "3", "--no-progress"])
+    config = config_from_args(args)
+    assert (config.method, config.dataset, config.embed_dim, config.out) == (method, "digits", 16, str(folder))
+    trainer = Trainer(config)
+    trainer.load_checkpoint(str(folder / CHECKPOINT))
+    for key, value in old["method"].items():
+        assert torch.equal(trainer.method.state_dict()[key], value), key
+    assert trainer.step == 2 and trainer.loader.state_dict() == old["loader"]
+    assert main(["--resume", "--out", str(folder), "--max-steps", "3", "--no-progress"]) == 0
+    new = ckpt.load(str(folder / CHECKPOINT))
+    assert new["step"] == 3 and new["format"] == 2 and set(new["encoder"]) == set(trainer.method.encoder.state_dict())
+
+
+def test_format1_multi_stage_folder_resumes_and_inits(tmp_path):
+    """A RelViT folder stopped inside its upstream stage continues there; a format-1 MAE run initialises a
+    supervised encoder (its encoder weights, found without the method API of format 2)."""
+    folder = format1_copy(tmp_path, "relvit")
+    assert main(["--resume", "--out", str(folder), "--max-steps", "3", "--no-progress"]) == 0
+    assert ckpt.load(str(folder / "upstream" / CHECKPOINT))["step"] == 3
+    mae = format1_copy(tmp_path, "mae")
+    config = build_config("supervised", "quick", init=str(mae), embed_dim=16, depth=1,
+                          num_heads=2, patch_size=8, out=str(tmp_path / "ft"), progress=False)
+    trainer = Trainer(config)
+    stored = ckpt.load(str(mae / CHECKPOINT))["method"]
+    assert trainer.init_report["loaded"] > 0
+    for name, value in trainer.method.encoder.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, stored["model." + name]), name
+
+
+def test_unreadable_run_folders_fail_in_one_line(tmp_path):
+    folder = format1_copy(tmp_path, "supervised")
+    stored = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**stored, "method": "nope"}))
+    with pytest.raises(SystemExit) as error:
+        main(["--resume", "--out", str(folder)])
+    assert "\n" not in str(error.value) and "unknown method 'nope'" in str(error.value)
+    (folder / "config.json").write_text(json.dumps({**stored, "no_such_field": 1}))
+    with pytest.raises(SystemExit, match="config.json does not fit this vitfast's 'supervised' method .*"
+                                         "no_such_field.*start a new run folder"):
+        main(["--resume", "--out", str(folder)])
+    state = ckpt.load(str(folder / CHECKPOINT))
+    ckpt.atomic_save({**state, "format": 99}, str(folder / CHECKPOINT))
+    with pytest.raises(RuntimeError, match="written by a newer vitfast \\(checkpoint format 99"):
+        ckpt.load(str(folder / CHECKPOINT), newest_format=2)

@@ -30,8 +30,9 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
-def load(path: str, map_location="cpu") -> Dict[str, Any]:
-    """Load a checkpoint; a truncated or foreign file gives an error that names it."""
+def load(path: str, map_location="cpu", newest_format: Optional[int] = None) -> Dict[str, Any]:
+    """Load a checkpoint; a truncated, foreign or too new (format above ``newest_format``) file gives an error
+    that names it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -40,7 +41,19 @@ def load(path: str, map_location="cpu") -> Dict[str, Any]:
         raise RuntimeError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict) or "format" not in state:
         raise RuntimeError(f"{path} is not a vitfast checkpoint")
+    if newest_format is not None and state["format"] > newest_format:
+        raise RuntimeError(f"{path} was written by a newer vitfast (checkpoint format {state['format']}; this one "
+                           f"reads up to {newest_format}): update vitfast to use it")
     return state
+
+
+def encoder_weights(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The encoder weights a checkpoint holds (its method's ``encoder_state_dict()``), for ``--init``."""
+    if "encoder" in state:
+        return state["encoder"]
+    # Format 1 stored no encoder of its own; every method of that time (supervised, mae, relvit) kept its
+    # encoder as the submodule ``model``.
+    return {k[len("model."):]: v for k, v in state["method"].items() if k.startswith("model.")}
 
 
 def rng_state(generators: Optional[Dict[str, torch.Generator]] = None) -> Dict[str, Any]:

@@ -1,27 +1,47 @@
-"""Training configuration: one flat dataclass, and per-method presets as data.
+"""Training configuration: what the engine uses, plus the settings the chosen method declares for itself.
 
-Presets: ``quick`` (default; minutes on a laptop CPU, on the embedded ``digits`` data) and ``paper``
-(the recipe of the method's paper, docs/methods.md section cited beside each). Command-line flags
-override preset values; ``--set key=value`` reaches every field.
+``TrainConfig`` holds the shared fields (data, model, optimisation, evaluation, run) and, in
+``method_config``, an instance of the method's own settings dataclass. Each method declares that
+dataclass and its ``quick`` and ``paper`` presets beside its code (``vitfast/methods/<method>.py``;
+docs/methods.md sections cited there). Presets: ``quick`` (minutes on a laptop CPU, on the embedded
+``digits`` data) and ``paper`` (the paper's recipe).
+
+Keys are flat everywhere a user types them (presets, ``--set key=value``, ``build_config(**overrides)``,
+per-stage values): each key goes to the shared config or to the method's settings, whichever has it;
+a key that neither has is refused with the list of known keys. ``config.json`` stores the nested
+layout (``{"epochs": ..., "method_config": {"mask_ratio": ...}}``); folders written before the method
+settings moved (one flat dict, "format 1") are read too.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
+
+# Fields of the format-1 flat config that belonged to one method only; a format-1 folder of another method
+# carries them with values that method never read, so reading it drops them.
+FORMAT1_METHOD_FIELDS = ("label_smoothing", "mixup", "cutmix", "random_erasing", "autoaugment", "mask_ratio",
+                         "norm_pix", "decoder_dim", "decoder_depth", "decoder_heads")
+
+
+def setting(default: Any, help: str) -> Any:
+    """A field of a method's settings dataclass, with the help text ``train.py --help`` shows."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     method: str = "mae"
     preset: str = "quick"
-    stage: Optional[str] = None            # two-stage methods: run one stage only
+    stage: Optional[str] = None            # multi-stage methods: run one stage only
     # data
     dataset: str = "digits"
     data_root: Optional[str] = None
     download: bool = False
     image_size: Optional[int] = None       # resize the dataset's images (e.g. STL-10 96 px -> 64)
+    augment: str = "default"               # training views: "default" (the method's recipe) or "none"
     # model (a vitfast.nn.VIT_CONFIGS name plus overrides)
     model: str = "tiny"
     embed_dim: Optional[int] = None
@@ -42,19 +62,6 @@ class TrainConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 1.0
     grad_clip: Optional[float] = None
-    # supervised
-    label_smoothing: float = 0.0
-    mixup: float = 0.0                     # mixup alpha (0 = off)
-    cutmix: float = 0.0                    # cutmix alpha (0 = off)
-    random_erasing: float = 0.0            # probability
-    autoaugment: bool = False              # torchvision's CIFAR-10 AutoAugment policy (one draw per group of 8 images)
-    augment: str = "default"               # "default" (the method's recipe) or "none"
-    # MAE
-    mask_ratio: float = 0.75
-    norm_pix: bool = True
-    decoder_dim: int = 64
-    decoder_depth: int = 2
-    decoder_heads: int = 4
     # evaluation
     knn_k: int = 20
     probe_epochs: int = 50
@@ -70,79 +77,95 @@ class TrainConfig:
     checkpoint_every: int = 0              # also checkpoint every N steps (0 = every epoch only)
     progress: bool = True
     stage_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # multi-stage methods: per-stage values
+    # the method's own settings: an instance of its ``Config`` dataclass (vitfast/methods/<method>.py)
+    method_config: Any = None
+
+    def __post_init__(self):
+        if self.method_config is None or isinstance(self.method_config, dict):  # defaults, or a stored dict
+            self.method_config = _method_class(self.method).Config(**(self.method_config or {}))
 
     def to_dict(self) -> Dict[str, Any]:
+        """The nested layout of config.json (method settings under "method_config")."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def flat(self) -> Dict[str, Any]:
+        """Every key as a user types it: the shared fields and the method's settings side by side."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method_config"}
+        values.update(dataclasses.asdict(self.method_config) if self.method_config is not None else {})
+        return values
 
-# Per method and preset: values that differ from the dataclass defaults.
-PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
-    "supervised": {
-        # A small ViT (96 wide, 4 blocks, patch 8 on 32-px images: 16 tokens) trained from scratch on
-        # digits: about a minute on 2 CPU cores, ~92 % test accuracy.
-        "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8,
-                      epochs=100, batch_size=64, lr=1e-3, warmup_epochs=5, weight_decay=0.05,
-                      label_smoothing=0.1, grad_clip=1.0),
-        # docs/methods.md §5.2, fine-tune recipe of Gani et al. (2022): small-data ViT, AdamW lr 1e-3, wd 0.05,
-        # 100 epochs, 10 warm-up, mixup/cutmix, label smoothing 0.1, random erasing 0.25, drop-path 0.1.
-        "paper": dict(model="small_data", epochs=100, batch_size=128, lr=1e-3, warmup_epochs=10, weight_decay=0.05,
-                      label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25, drop_path=0.1,
-                      min_lr=1e-6, autoaugment=True),
-    },
-    "mae": {
-        # The same small ViT as the supervised quick preset, decoder 64 wide x 2 blocks, 60 epochs on digits.
-        "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8,
-                      decoder_dim=64, decoder_depth=2, decoder_heads=4, epochs=60, batch_size=64,
-                      lr=1.5e-3, warmup_epochs=5, weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75,
-                      norm_pix=True, global_pool="avg"),
-        # docs/methods.md §1 (He et al. 2021): AdamW β (0.9, 0.95), wd 0.05, lr 1.5e-4·batch/256, 40 warm-up epochs,
-        # cosine, RRC (0.2, 1) + flip, mask 0.75, norm_pix, 800 epochs, decoder 512 wide × 8 blocks × 16 heads.
-        # The encoder is the small-data ViT (patch 4) on 32-px data (ViT-B/16 needs 224-px images).
-        "paper": dict(model="small_data", epochs=800, batch_size=256, base_lr=1.5e-4, warmup_epochs=40,
-                      weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75, norm_pix=True,
-                      decoder_dim=512, decoder_depth=8, decoder_heads=16, global_pool="avg"),
-    },
-}
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with ``changes`` (flat keys, routed like ``build_config``'s)."""
+        return config_from_values(self.method, {**self.flat(), **changes})
 
 
-PRESETS["relvit"] = {
-    # The quick supervised model; upstream 40 epochs, then fine-tune 60; the scratch baseline gets the same
-    # total number of epochs (100) with the fine-tune recipe.
-    "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, batch_size=64,
-                  lr=1e-3, warmup_epochs=5, weight_decay=0.05, grad_clip=1.0,
-                  stage_overrides={"upstream": dict(epochs=40, metrics="knn"),
-                                   "finetune": dict(epochs=60, label_smoothing=0.1, metrics=""),
-                                   "scratch": dict(epochs=100, label_smoothing=0.1, metrics=""),
-                                   "joint": dict(epochs=100, metrics="")}),
-    # docs/methods.md §2: ViT-S (384/12/6), patch 4 on 32-px data, AdamW lr 5e-4, wd 0.1, batch 256, grad-clip 1.0,
-    # 100 upstream + 100 downstream epochs.
-    "paper": dict(model="small", patch_size=4, batch_size=256, lr=5e-4, weight_decay=0.1, grad_clip=1.0,
-                  warmup_epochs=5,
-                  stage_overrides={"upstream": dict(epochs=100, metrics="knn"),
-                                   "finetune": dict(epochs=100, metrics=""),
-                                   "scratch": dict(epochs=200, metrics=""),
-                                   "joint": dict(epochs=100, metrics="")}),
-}
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "method_config")
+_TUPLE_FIELDS = {name for name, hint in typing.get_type_hints(TrainConfig).items()
+                 if typing.get_origin(hint) is tuple}
+
+
+def _method_class(method: str):
+    from .methods import get_method  # the methods import this module: resolve them at call time
+    return get_method(method)
+
+
+def config_from_values(method: str, values: Dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from flat ``values``: shared keys to the config, the method's settings to its ``Config``."""
+    cls = _method_class(method)
+    own = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(values) - set(SHARED_FIELDS) - own)
+    if unknown:
+        from .methods import METHODS
+        elsewhere = {k: [m for m, c in sorted(METHODS.items()) if k in {f.name for f in dataclasses.fields(c.Config)}]
+                     for k in unknown}
+        hint = "; ".join(f"{k} is a setting of {', '.join(ms)}" for k, ms in elsewhere.items() if ms)
+        raise ValueError(f"unknown config keys {unknown} for method {method!r}" + (f" ({hint})" if hint else "")
+                         + f"; its settings: {sorted(own)}; shared: {sorted(set(SHARED_FIELDS) - {'method'})}")
+    for stage, per_stage in values.get("stage_overrides", {}).items():
+        bad = sorted(set(per_stage) - set(SHARED_FIELDS) - own)
+        if bad:
+            raise ValueError(f"unknown config keys {bad} in the values of stage {stage!r} of method {method!r}")
+    shared = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v)
+              for k, v in values.items() if k in SHARED_FIELDS and k != "method"}
+    return TrainConfig(method=method, method_config=cls.Config(**{k: v for k, v in values.items() if k in own}),
+                       **shared)
 
 
 def build_config(method: str, preset: str = "quick", **overrides: Any) -> TrainConfig:
-    if method not in PRESETS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(PRESETS)}")
-    if preset not in PRESETS[method]:
-        raise ValueError(f"unknown preset {preset!r} for {method}; available: {sorted(PRESETS[method])}")
+    """The config of ``method`` with its ``preset``; ``overrides`` (flat keys, None = not given) win."""
+    cls = _method_class(method)
+    if preset not in cls.presets:
+        raise ValueError(f"unknown preset {preset!r} for {method}; available: {sorted(cls.presets)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    values = {**PRESETS[method][preset], **given}
+    values = {**cls.presets[preset], **given, "preset": preset}
     # Precedence: preset < the preset's per-stage values < what the user gave (for every stage).
     values["stage_overrides"] = {stage: {k: v for k, v in per_stage.items() if k not in given}
                                  for stage, per_stage in values.get("stage_overrides", {}).items()}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
-    return TrainConfig(method=method, preset=preset, **values)
+    return config_from_values(method, values)
+
+
+def config_from_dict(stored: Dict[str, Any], source: str = "config") -> TrainConfig:
+    """A TrainConfig from a stored config.json: the nested layout, or the flat one of format 1."""
+    values = dict(stored)
+    nested = values.pop("method_config", None)
+    method = values.get("method")
+    try:
+        cls = _method_class(method)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    if nested is None:  # format 1: every method's settings in one flat dict
+        own = {f.name for f in dataclasses.fields(cls.Config)}
+        values = {k: v for k, v in values.items() if k not in FORMAT1_METHOD_FIELDS or k in own}
+    else:
+        values.update(nested)
+    try:
+        return config_from_values(method, values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source} does not fit this vitfast's {method!r} method ({error}); "
+                         f"start a new run folder") from None
 
 
 def parse_value(text: str) -> Any:

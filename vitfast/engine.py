@@ -30,10 +30,10 @@ from .config import TrainConfig
 from .data import augment, load_splits
 from .data.loader import BatchLoader
 from .distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
-from .methods import METHODS, DataInfo
+from .methods import DataInfo, get_method
 
 CHECKPOINT = "checkpoint-last.pt"
-FORMAT = 1
+FORMAT = 2  # 2: the method's encoder_state_dict() under "encoder" (format 1 had none; checkpoint.py reads both)
 
 
 def default_run_dir(config: TrainConfig) -> str:
@@ -43,9 +43,7 @@ def default_run_dir(config: TrainConfig) -> str:
 
 def _stage_config(config: TrainConfig, name: str, **changes) -> TrainConfig:
     """The config of one stage: the run's values, the preset's per-stage values, then ``changes``."""
-    values = {**config.to_dict(), **config.stage_overrides.get(name, {}), **changes}
-    values["betas"] = tuple(values["betas"])
-    return TrainConfig(**values)
+    return config.replace(**{**config.stage_overrides.get(name, {}), **changes})
 
 
 def run(config: TrainConfig) -> Dict:
@@ -56,7 +54,7 @@ def run(config: TrainConfig) -> Dict:
     random weights). With ``resume``, finished stages (summary.json present) are skipped and an
     interrupted one continues.
     """
-    method = METHODS[config.method]
+    method = get_method(config.method)
     if config.stage:  # one stage, in --out itself; its init defaults to the sibling folder of its source stage
         source = method.stage_init.get(config.stage)
         out = config.out or default_run_dir(config)
@@ -133,10 +131,9 @@ class Trainer:
         train = self.splits["train"]
         self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],
                                   num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))
-        if c.method not in METHODS:
-            raise ValueError(f"unknown method {c.method!r}; available: {sorted(METHODS)}")
+        method = get_method(c.method)
         torch.manual_seed(c.seed)  # identical initial weights on every rank
-        self.method = METHODS[c.method](c, self.data_info).to(self.device)
+        self.method = method(c, self.data_info).to(self.device)
         if c.init:
             self._load_init(c.init)
         self.model = (DistributedDataParallel(self.method, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -171,6 +168,7 @@ class Trainer:
     def state_dict(self) -> Dict:
         return {
             "format": FORMAT, "config": self.config.to_dict(), "method": self.method.state_dict(),
+            "encoder": self.method.encoder_state_dict(),  # shares storage with "method": saved once
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
             "loader": self.loader.state_dict(), "rng": ckpt.rng_state({"augment": self.generator}),
             "history": self.history, "baseline": self.baseline,
@@ -182,7 +180,7 @@ class Trainer:
             ckpt.atomic_save(self.state_dict(), os.path.join(self.out, CHECKPOINT))
 
     def load_checkpoint(self, path: str) -> None:
-        state = ckpt.load(path, map_location=self.device)
+        state = ckpt.load(path, map_location=self.device, newest_format=FORMAT)
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -197,14 +195,8 @@ class Trainer:
         """Initialise the encoder from another run (fine-tuning): a run folder or a checkpoint file."""
         if os.path.isdir(path):
             path = os.path.join(path, CHECKPOINT)
-        state = ckpt.load(path)["method"]
-        encoder = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        own = self.method.encoder.state_dict()
-        loadable = {k: v for k, v in encoder.items() if k in own and own[k].shape == v.shape and not k.startswith("head.")}
-        if not loadable:
-            raise RuntimeError(f"{path} holds no encoder weights that fit this model")
-        self.method.encoder.load_state_dict(loadable, strict=False)
-        self.init_report = {"loaded": len(loadable), "skipped": sorted(set(own) - set(loadable))}
+        weights = ckpt.encoder_weights(ckpt.load(path, newest_format=FORMAT))
+        self.init_report = self.method.load_encoder(weights, source=path)
 
     # ----------------------------------------------------------------------------- loop
     def autocast(self):
@@ -300,7 +292,7 @@ class Trainer:
 
     def _baseline_metrics(self) -> Dict:
         """k-NN accuracy of the encoder at its random initialisation (self-supervised methods' yardstick)."""
-        if self.config.method == "supervised" or not self.dist.is_main or not self._metrics():
+        if not self.method.random_init_baseline or not self.dist.is_main or not self._metrics():
             return {}
         return {"random_init_knn_accuracy": self._knn()}
 

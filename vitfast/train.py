@@ -15,20 +15,43 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Dict, List
 
-from .config import PRESETS, TrainConfig, build_config, parse_value
+from .config import TrainConfig, build_config, config_from_dict, parse_value
+from .methods import METHODS
+
+
+def _method_help() -> str:
+    lines = []
+    for name, cls in sorted(METHODS.items()):
+        about = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        extra = f" (stages: {', '.join(cls.stages)})" if cls.stages else ""
+        lines.append(f"{name:12s}{about}{extra}")
+    return "\n  ".join(lines)
+
+
+def _settings() -> Dict[str, str]:
+    """Every method setting: name -> its help text (per method where the methods differ)."""
+    found: Dict[str, Dict[str, List[str]]] = {}
+    for name, cls in sorted(METHODS.items()):
+        for f in dataclasses.fields(cls.Config):
+            text = f"{f.metadata.get('help', '')} (default {f.default})"
+            found.setdefault(f.name, {}).setdefault(text, []).append(name)
+    return {setting: "; ".join(f"{', '.join(methods)}: {text}" for text, methods in texts.items())
+            for setting, texts in found.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.datasets import dataset_help
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="datasets:\n  " + dataset_help().replace("\n", "\n  "))
-    parser.add_argument("--method", default="mae", choices=sorted(PRESETS),
-                        help="training method (default: mae)")
-    parser.add_argument("--preset", default="quick", choices=("quick", "paper"),
+        epilog="methods:\n  " + _method_help() + "\n\ndatasets:\n  " + dataset_help().replace("\n", "\n  "))
+    parser.add_argument("--method", default="mae", choices=sorted(METHODS),
+                        help="training method (default: mae; the list below)")
+    presets = sorted({p for cls in METHODS.values() for p in cls.presets})
+    parser.add_argument("--preset", default="quick", choices=presets,
                         help="quick: minutes on a laptop CPU (default); paper: the paper's recipe")
-    parser.add_argument("--stage", help="two-stage methods: run only this stage")
+    parser.add_argument("--stage", help="multi-stage methods: run only this stage")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits",
                       help="digits (embedded, default), shapes (procedural), cifar10, cifar100, svhn, stl10, "
@@ -41,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--batch-size", type=int, help="images per process")
     optim.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
     optim.add_argument("--weight-decay", type=float)
-    optim.add_argument("--mask-ratio", type=float, help="MAE: fraction of patches removed")
     model = parser.add_argument_group("model (default: the preset's value)")
     model.add_argument("--model", help="ViT size: tiny, small, base, small_data")
     model.add_argument("--patch-size", type=int)
@@ -57,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any other config field, e.g. --set warmup_epochs=5 --set metrics=knn")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    own = parser.add_argument_group("method settings (default: the preset's value; also --set KEY=VALUE)")
+    for name, text in _settings().items():
+        own.add_argument("--" + name.replace("_", "-"), type=parse_value, metavar="VALUE", help=text)
     return parser
 
 
@@ -65,9 +90,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "stage": args.stage, "dataset": args.dataset, "data_root": args.data_root, "download": args.download or None,
         "image_size": args.image_size,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-        "mask_ratio": args.mask_ratio, "model": args.model, "patch_size": args.patch_size, "init": args.init,
+        "model": args.model, "patch_size": args.patch_size, "init": args.init,
         "out": args.out, "resume": args.resume or None, "precision": args.precision, "device": args.device,
         "seed": args.seed, "max_steps": args.max_steps, "progress": False if args.no_progress else None,
+        **{name: getattr(args, name) for name in _settings()},
     }
     for item in args.set:
         if "=" not in item:
@@ -82,14 +108,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise SystemExit(f"--resume: {stored} not found; is {args.out} a vitfast run folder?")
         with open(stored) as f:
             saved = json.load(f)
-        # The stored run defines the config; only how far to go and how to show it may change.
-        changeable = ("epochs", "max_steps", "progress", "device", "resume")
-        saved.update({k: overrides[k] for k in changeable if overrides.get(k) is not None})
-        saved["max_steps"] = overrides.get("max_steps")
-        saved["betas"] = tuple(saved["betas"])
-        if overrides.get("stage"):
-            saved["stage"] = overrides["stage"]
-        return TrainConfig(**saved)
+        try:
+            config = config_from_dict(saved, source=stored)
+        except ValueError as error:
+            raise SystemExit(f"--resume: {error}")
+        # The stored run defines the config; only how far to go, where the folder now is and how to show it change.
+        changeable = ("epochs", "progress", "device", "resume", "stage")
+        changes = {k: overrides[k] for k in changeable if overrides.get(k) is not None}
+        return config.replace(**changes, max_steps=overrides.get("max_steps"), out=args.out)
     try:
         return build_config(args.method, args.preset, **overrides)
     except ValueError as error:

@@ -3,11 +3,22 @@
 A method is an ``nn.Module`` that owns every trainable module of its stage. The engine moves it to
 the device, wraps it in DDP, builds the optimizer from ``param_groups``, runs the loop, checkpoints,
 and calls ``evaluate`` at the end. A method defines its model, its views and its loss — no loop.
+
+Class attributes the registry, the CLI and the engine read (README "Adding a method"):
+  name                   what ``--method`` takes
+  Config                 a dataclass of the method's own settings (``vitfast.config.setting`` fields carry
+                         the help text); the instance arrives as ``config.method_config``
+  presets                {"quick": {...}, "paper": {...}}: flat keys (shared fields and settings),
+                         optionally "stage_overrides": {stage: {...}}
+  stages, stage_init     multi-stage methods: the stages one command runs, and which stage's encoder
+                         initialises which
+  random_init_baseline   report the k-NN accuracy of the encoder at initialisation (a self-supervised
+                         method's yardstick; a classifier trained with labels has no use for it)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +38,18 @@ class DataInfo:
     std: Tuple[float, ...]
 
 
+@dataclass
+class NoSettings:
+    """The settings of a method that has none of its own."""
+
+
 class Method(nn.Module):
     name = "method"
+    Config: type = NoSettings
+    presets: Dict[str, Dict[str, Any]] = {}
     stages: Tuple[str, ...] = ()       # multi-stage methods: the stages one command runs, in order
     stage_init: Dict[str, str] = {}    # stage -> the stage whose encoder initialises it
+    random_init_baseline = True
 
     def __init__(self, config: TrainConfig, data: DataInfo):
         super().__init__()
@@ -49,6 +68,21 @@ class Method(nn.Module):
     def encoder(self) -> ViT:
         """The backbone whose features are evaluated (k-NN, linear probe, clustering)."""
         raise NotImplementedError
+
+    def encoder_state_dict(self) -> Dict[str, Tensor]:
+        """The encoder's weights as another run's ``--init`` loads them (timm names; the checkpoint stores them)."""
+        return self.encoder.state_dict()
+
+    def load_encoder(self, weights: Dict[str, Tensor], source: str = "the checkpoint") -> Dict[str, Any]:
+        """Initialise the encoder from ``weights`` (an ``encoder_state_dict``): every tensor whose name and shape
+        fit, except the classifier ``head.``; returns {"loaded": count, "skipped": [names left as they were]}."""
+        own = self.encoder.state_dict()
+        loadable = {k: v for k, v in weights.items()
+                    if k in own and own[k].shape == v.shape and not k.startswith("head.")}
+        if not loadable:
+            raise RuntimeError(f"{source} holds no encoder weights that fit this model")
+        self.encoder.load_state_dict(loadable, strict=False)
+        return {"loaded": len(loadable), "skipped": sorted(set(own) - set(loadable))}
 
     def forward(self, images: Tensor, labels: Tensor, indices: Tensor, generator: torch.Generator
                 ) -> Tuple[Tensor, Dict[str, float]]:

@@ -40,7 +40,7 @@ PREDICTORS: Dict[str, Dict[str, Any]] = {
 
 
 class MLPHead(nn.Sequential):
-    """``num_layers`` Linear layers in_dim → hidden_dim → … → out_dim; input [B, in_dim], output [B, out_dim]."""
+    """``num_layers`` Linear layers in_dim → hidden_dim → … → out_dim: [B, in_dim] -> [B, out_dim]."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 2, batch_norm: bool = True,
                  bias: bool = True, last_batch_norm: bool = False, last_affine: bool = True,

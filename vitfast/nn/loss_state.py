@@ -78,7 +78,7 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, features: Tensor, ids: Tensor) -> None:
-        """Append ``features`` [B, dim] and ``ids`` [B] int64 (of every rank, rank 0's rows first), dropping the oldest."""
+        """Append ``features`` [B, dim] and ``ids`` [B] int64 of every rank (rank 0's first); the oldest rows go."""
         if features.ndim != 2 or features.shape[1] != self.features.shape[1]:
             raise ValueError(f"FeatureQueue.push: features must be [B, {self.features.shape[1]}], "
                              f"got {tuple(features.shape)}")
