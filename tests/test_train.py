@@ -225,3 +225,38 @@ def test_unreadable_run_folders_fail_in_one_line(tmp_path):
     ckpt.atomic_save({**state, "format": 99}, str(folder / CHECKPOINT))
     with pytest.raises(RuntimeError, match="written by a newer vitfast \\(checkpoint format 99"):
         ckpt.load(str(folder / CHECKPOINT), newest_format=2)
+
+
+def test_method_hooks_lr_scale_and_gradients_before_the_step(tmp_path):
+    """The engine applies a group's "lr_scale", calls before_optimizer_step after backward (a parameter whose
+    gradient the hook drops stays as it was: DINO's frozen last layer) and tells the method its steps_per_epoch."""
+    from vitfast.methods import METHODS, Supervised, register_method
+
+    class Probe(Supervised):
+        name = "test-hook-probe"
+        seen = []
+
+        def param_groups(self):
+            decay, no_decay = super().param_groups()
+            return [decay, {**no_decay, "lr_scale": 0.5}]
+
+        def before_optimizer_step(self, optimizer, step, total_steps):
+            self.seen.append((step, total_steps, [g["lr"] for g in optimizer.param_groups]))
+            self.model.patch_embed.proj.weight.grad = None
+
+    register_method(Probe)
+    try:
+        config = build_config("test-hook-probe", "quick", out=str(tmp_path / "run"), max_steps=2, epochs=1,
+                              **tiny("supervised"))
+        trainer = Trainer(config)
+        before = trainer.method.model.patch_embed.proj.weight.detach().clone()
+        other = trainer.method.model.blocks[0].attn.qkv.weight.detach().clone()
+        trainer.fit()
+    finally:
+        METHODS.pop("test-hook-probe")
+    assert trainer.method.steps_per_epoch == trainer.steps_per_epoch == 1295 // 32
+    assert [s[:2] for s in Probe.seen] == [(0, trainer.total_steps), (1, trainer.total_steps)]
+    for step, _, (decay_lr, no_decay_lr) in Probe.seen:
+        assert decay_lr == trainer.lr_at(step) and no_decay_lr == 0.5 * trainer.lr_at(step)
+    assert torch.equal(trainer.method.model.patch_embed.proj.weight, before)
+    assert not torch.equal(trainer.method.model.blocks[0].attn.qkv.weight, other)

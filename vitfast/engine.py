@@ -146,6 +146,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
+        self.method.steps_per_epoch = self.steps_per_epoch  # for the method's per-epoch schedules
         self.total_steps = c.epochs * self.steps_per_epoch
         self.step = 0
         self.history: List[Dict] = []
@@ -195,8 +196,7 @@ class Trainer:
         """Initialise the encoder from another run (fine-tuning): a run folder or a checkpoint file."""
         if os.path.isdir(path):
             path = os.path.join(path, CHECKPOINT)
-        weights = ckpt.encoder_weights(ckpt.load(path, newest_format=FORMAT))
-        self.init_report = self.method.load_encoder(weights, source=path)
+        self.init_report = self.method.init_from(ckpt.load(path, newest_format=FORMAT), source=path)
 
     # ----------------------------------------------------------------------------- loop
     def autocast(self):
@@ -208,7 +208,7 @@ class Trainer:
     def train_step(self, images, labels, indices) -> Dict[str, float]:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's group may scale it (layer-wise decay)
         self.model.train()
         with self.autocast():
             loss, metrics = self.model(images, labels, indices, self.generator)
@@ -220,6 +220,7 @@ class Trainer:
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.config.grad_clip)
+        self.method.before_optimizer_step(self.optimizer, self.step, self.total_steps)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1

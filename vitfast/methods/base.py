@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import checkpoint
 from ..config import TrainConfig
 from ..nn import ViT
 
@@ -54,6 +55,7 @@ class Method(nn.Module):
     def __init__(self, config: TrainConfig, data: DataInfo):
         super().__init__()
         self.config, self.data = config, data
+        self.steps_per_epoch = 1  # the engine sets the real value before training
 
     def build_encoder(self, num_classes: int = 0, pos_embed: str = "learned", **kwargs) -> ViT:
         c = self.config
@@ -84,6 +86,11 @@ class Method(nn.Module):
         self.encoder.load_state_dict(loadable, strict=False)
         return {"loaded": len(loadable), "skipped": sorted(set(own) - set(loadable))}
 
+    def init_from(self, state: Dict[str, Any], source: str) -> Dict[str, Any]:
+        """``--init`` and ``stage_init``: start from a checkpoint ``state`` (its encoder, by default). A stage that
+        continues more than the encoder of an earlier stage (e.g. its heads) reads ``state["method"]`` here."""
+        return self.load_encoder(checkpoint.encoder_weights(state), source)
+
     def forward(self, images: Tensor, labels: Tensor, indices: Tensor, generator: torch.Generator
                 ) -> Tuple[Tensor, Dict[str, float]]:
         """One training step's loss on a uint8 batch [B, C, H, W] on the device, plus scalar metrics."""
@@ -103,9 +110,14 @@ class Method(nn.Module):
             (no_decay if param.ndim <= 1 or name in skip or name.endswith(".bias") else decay).append(param)
         return [{"params": decay, "weight_decay": self.config.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
+    # A group may carry "lr_scale": the engine sets its lr to the scheduled lr times that (layer-wise decay).
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> None:
+        """Hook between backward (and gradient clipping) and the optimizer step: per-step optimizer values
+        (e.g. a weight-decay schedule), or gradients set to None for parameters frozen for a while."""
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Hook after each optimizer step (EMA teachers, schedules)."""
+        """Hook after each optimizer step (EMA teachers, schedules); ``step`` counts finished steps."""
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
