@@ -90,9 +90,11 @@ def test_compare_tolerances():
     assert compare(expected.float(), expected, "fp32")["ok"]
     assert not compare(expected * (1 + 1e-3), expected, "fp32")["ok"]  # 1e-3 relative is far beyond fp32
     assert compare(expected * (1 + 1e-3), expected, "bf16")["ok"]
+    assert not compare(expected * (1 + 5e-2), expected, "bf16")["ok"]
     assert not compare(torch.tensor([1.0, float("nan"), 0.5]), expected, "bf16")["ok"]
     assert not compare(expected[:2], expected, "bf16")["ok"]
     assert not compare(torch.tensor([1e-30]), torch.zeros(1), "bf16")["ok"]  # zeros must be met exactly
+    assert compare(torch.zeros(1), torch.zeros(1), "fp32")["ok"]
 
 
 def test_traffic_counts_bytes_and_flops_of_aten_ops():
