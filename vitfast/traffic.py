@@ -10,7 +10,8 @@ normalisation) is not counted on either side.
 
 - fused: launch by launch from the Triton kernels' loads and stores and the torch glue around them in
   ``kernels/<op>.py`` (backend ``triton``), as the code stood at 2026-12-01 ~17:00 UTC (see ``SOURCE``). When the
-  kernels change, these formulas must be updated with them.
+  kernels change, these formulas must be updated with them. The op wrapper's argument checks (index range and
+  mask.sum() != 0 asserts) are not counted, nor is the reference's own input validation.
 - unfused: every aten op that forward + backward of the op's plain-PyTorch reference runs (logged with a
   TorchDispatchMode on meta tensors, so nothing is computed): each op reads its inputs (broadcast dimensions
   counted once) and writes its outputs; views are free. FLOPs from ``torch.utils.flop_counter``.
@@ -73,8 +74,9 @@ def unfused(op: str, shape: str, dtype: torch.dtype) -> dict:
 
 # ---- fused: one formula per launch, from the kernels' loads and stores ----
 
-def _launch(name: str, read: float, written: float, flops: float = 0.0) -> dict:
-    return dict(name=name, read=int(read), written=int(written), flops=int(flops))
+def _launch(name: str, read: float, written: float, flops: float = 0.0, count: int = 1) -> dict:
+    """``count`` launches (small torch glue is grouped) reading and writing these bytes."""
+    return dict(name=name, read=int(read), written=int(written), flops=int(flops), count=count)
 
 
 def _masked_patch_embed(p: dict, s: int) -> List[dict]:
@@ -118,45 +120,70 @@ def _masked_pixel_loss(p: dict, s: int) -> List[dict]:
     ]
 
 
+def _row_sums(b: int, n: int) -> dict:
+    """The fixed-order sums of the per-row statistics (kernels/_common.py finish_row_stats)."""
+    return _launch("fwd: sums of the row statistics", b * n * 12, 3 * 8, count=8)
+
+
+def _positions(b: int, n: int, where: str) -> dict:
+    """arange(N).expand(B, N).contiguous(): the identity positions the launcher makes when none are given."""
+    return _launch(f"{where}: identity positions", 0, n * 8 + b * n * 8, count=2)
+
+
 def _relation_loss(p: dict, s: int) -> List[dict]:
-    """q, k [B, N, 9, d_h]: packed to [B, 9, N, DP] (DP = 64), fwd, then dq and dk kernels that recompute."""
+    """q, k [B, N, 9, d_h]: packed once to [B, 9, N, DP] (DP = 64 for d_h <= 64) by the forward, which also saves
+    each pair's lse (fp32) and target (int16); the backward's d q and d k kernels read those, no repacking."""
     b, n, c, dh = p["B"], p["N"], 9, p["d_h"]
-    dp = 64 * math.ceil(dh / 64)
-    packed, plain = b * c * n * dp, b * n * c * dh
+    dp = 64 if dh <= 64 else 128 * math.ceil(dh / 128)
+    chunks = dp // (64 if dh <= 64 else 128)
+    packed, plain, pairs = b * c * n * dp, b * n * c * dh, b * n * n
     pair_dot = 2 * b * c * n * n * dp  # one class-score matmul over all pairs, padding included
-    pack = [_launch("pack q: zero-fill", 0, packed * s), _launch("pack q: copy", plain * s, plain * s)]
-    pack += [_launch("pack k: zero-fill", 0, packed * s), _launch("pack k: copy", plain * s, plain * s)]
-    stats = b * n * 4 * 3
-    return pack + [
-        _launch("fwd: scores + online lse (k re-read per i-tile: L2)", 2 * packed * s + b * n * 8, stats, pair_dot),
-        _launch("fwd: 3 reductions of the row statistics", stats, 3 * 8),
-    ] + [dict(entry, name="bwd " + entry["name"]) for entry in pack] + [
-        _launch("bwd dq: lse pass + score pass + ds @ k", 2 * packed * s + b * n * 8, packed * 4, 3 * pair_dot),
-        _launch("bwd dk: lse pass + score pass + ds^T @ q", 2 * packed * s + b * n * 8, packed * 4, 3 * pair_dot),
-        _launch("bwd: unpack dq (fp32 -> input layout)", plain * 4, plain * s),
-        _launch("bwd: unpack dk", plain * 4, plain * s),
+    pack = lambda x: _launch(f"fwd: pack {x} (copy + zero the padding)", plain * s, packed * s, count=2)  # noqa: E731
+    own = lambda x, other: _launch(  # noqa: E731
+        f"bwd d{x}: scores again + ds @ {other} (saved lse and target; {other} re-read per tile: L2)",
+        2 * packed * s + pairs * 6, plain * s, chunks * pair_dot + pair_dot)
+    return [
+        _positions(b, n, "fwd"), pack("q"), pack("k"),
+        _launch("fwd: scores + online lse; saves lse, target (k re-read per i-tile: L2)",
+                2 * packed * s + b * n * 8, pairs * 6 + b * n * 12, pair_dot),
+        _row_sums(b, n),
+        _launch("bwd: grad / count / sqrt(d_h) (device scalar)", 0, 0, count=3),
+        own("q", "k"), own("k", "q"),
     ]
 
 
 def _relation_mlp_loss(p: dict, s: int) -> List[dict]:
-    """u, v [B, N, H]; 8 x 8 pair tiles, hidden chunks of 32; classes padded to 16 in the dots."""
-    b, n, h, c, c_pad, tile = p["B"], p["N"], p["H"], 9, 16, 8
-    i_tiles = math.ceil(n / tile)
+    """u, v [B, N, H]; 8 x 8 pair tiles, hidden chunks of 32; classes padded to 16 in the dots; the backward's
+    d v / d W partials per split of i-tiles (kernels' backward_scratch)."""
+    b, n, h, c, c_pad = p["B"], p["N"], p["H"], 9, 16
+    splits = _mlp_splits(b, n, s)
     logits = 2 * b * n * n * h * c_pad  # [pairs, H] x [H, 16]
-    uv, stats, fp32 = 2 * b * n * h * s, b * n * 4 * 3, b * n * h * 4
-    dv_part, dw_part = b * i_tiles * n * h * 4, b * i_tiles * c_pad * h * 4
+    uv, fp32 = 2 * b * n * h * s, b * n * h * 4
+    dv_part, dw_part = b * splits * n * h * 4, b * splits * c_pad * h * 4
     launches = [
-        _launch("fwd: hidden + logits + CE per pair tile", uv + c * h * s + b * n * 8, stats, logits),
-        _launch("fwd: 3 reductions of the row statistics", stats, 3 * 8),
-        _launch("bwd: recompute logits, d out, d h, d pre, d W", uv + c * h * s + b * n * 8,
-                fp32 + dv_part + dw_part + b * i_tiles * c_pad * 4, 3 * logits),
+        _positions(b, n, "fwd"),
+        _launch("fwd: hidden + logits + CE per pair tile", uv + c * h * s + b * n * 8, b * n * 12, logits),
+        _row_sums(b, n),
+        _positions(b, n, "bwd"),
+        _launch(f"bwd: logits again, d out, d h, d pre, d W ({splits} d v partials; own partials re-read: L2)",
+                uv + c * h * s + b * n * 8, fp32 + dv_part + dw_part + b * splits * c_pad * 4, 3 * logits),
+        _launch("bwd: grad / count (device scalar)", 0, 0, count=2),
         _launch("bwd: d_u * scale", fp32, fp32),
-        _launch("bwd: sum of the d_v partials over i-tiles, * scale", dv_part + fp32, 2 * fp32),
-        _launch("bwd: sum of the d_W / d_b partials, * scale", dw_part, c * h * 4),
+        _launch("bwd: sum of the d_v partials, * scale", dv_part + fp32, 2 * fp32, count=2),
+        _launch("bwd: sums of the d_W / d_b partials, * scale", dw_part, c * h * 4, count=4),
     ]
     if s != 4:
-        launches.append(_launch("bwd: cast d_u, d_v to the input dtype", 2 * fp32, 2 * b * n * h * s))
+        launches.append(_launch("bwd: cast the gradients to the input dtype", 2 * fp32, 2 * b * n * h * s, count=4))
     return launches
+
+
+def _mlp_splits(b, n, s) -> int:
+    """The backward's number of d v partials, from the launcher's own plan (shape-only)."""
+    try:
+        from vitfast.kernels.relation_mlp_loss import backward_split
+        return backward_split(b, n, torch.float32 if s == 4 else torch.bfloat16)[0]
+    except Exception:  # noqa: BLE001  (triton not installed, or the plan changed): one partial per i-tile
+        return math.ceil(n / 8)
 
 
 FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
@@ -166,7 +193,7 @@ FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked
 def fused(op: str, shape: str, dtype: torch.dtype) -> dict:
     from vitfast.gpu_check.cases import CASES
     launches = FUSED[op](CASES[op].shapes[shape], torch.tensor([], dtype=dtype).element_size())
-    return dict(launches=len(launches), bytes=sum(x["read"] + x["written"] for x in launches),
+    return dict(launches=sum(x["count"] for x in launches), bytes=sum(x["read"] + x["written"] for x in launches),
                 flops=sum(x["flops"] for x in launches), detail=launches)
 
 
@@ -205,7 +232,7 @@ def main(argv=None) -> int:
             for r in rows:
                 print(f"\n{r['op']} {r['shape']}:")
                 for x in r["fused"]["detail"]:
-                    print(f"  {x['name']}: read {x['read'] / 1e6:.2f} MB, wrote {x['written'] / 1e6:.2f} MB, "
+                    print(f"  {x['count']} x {x['name']}: read {x['read'] / 1e6:.2f} MB, wrote {x['written'] / 1e6:.2f} MB, "
                           f"{x['flops'] / 1e9:.3f} GFLOP")
     return 0
 
