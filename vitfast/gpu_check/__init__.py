@@ -11,12 +11,14 @@ Sections of the JSON report (exit code 1 when any row has ok = false, 2 when it 
                  (normwise error against a band per dtype, ``cases.TOLERANCES``; ratio = error / band)
   repeatability  10 forward + backward passes give bitwise equal outputs and gradients (fp32, bf16)
   limits         grid axes past 65535 programs and tensors past 2^31 elements (``limits.py``)
-  timing         fused vs eager reference vs torch.compile(reference): CUDA-event times and peak memory above
-                 the floor (inputs + their gradients)
+  timing         fused vs eager reference vs torch.compile(reference), bf16 then fp32 (--timing-dtypes): CUDA-event
+                 times and peak memory above the floor (inputs + their gradients); cases that would start after
+                 --budget-s (450 s) are skipped and listed
 
-``--smoke`` runs on the CPU: the ragged shapes only, backends triton (interpreter) and cpu, the limits scaled
-down, timings with torch.compile(backend="eager") and the interpreter's Triton rows left out; the report's
-``skipped`` list says what it could not check. ``--ops`` and ``--sections`` narrow a run.
+A backend that does not take a dtype (its declaration in vitfast/ops) is skipped for it, never run through a
+fallback. ``--smoke`` runs the ragged shapes only, the limits scaled down and torch.compile(backend="eager"); with
+no GPU it runs on the CPU with backends triton (interpreter) and cpu, without Triton timings. The report's
+``skipped`` list says what a run could not check. ``--ops`` and ``--sections`` narrow a run.
 """
 from __future__ import annotations
 
