@@ -1,7 +1,9 @@
 """Triton kernels for ``masked_pixel_loss``: MAE's per-patch normalised MSE over masked patches.
 
 Math (``M = B*N`` patch rows, ``E = p*p*C``, patch ``n`` at grid row ``n // S_w``, column ``n % S_w``,
-element ``e = (i*p + j)*C + c`` of a row pairs with pixel ``images[b, c, (n // S_w)*p + i, (n % S_w)*p + j]``):
+element ``e = (i*p + j)*C + c`` of a row pairs with pixel ``images[b, c, (n // S_w)*p + i, (n % S_w)*p + j]``).
+Tiles walk a patch in image order ``t = c*p*p + i*p + j`` (runs of p contiguous pixels: coalesced image
+loads) and read pred at ``e = (i*p + j)*C + c`` (inside one contiguous pred row):
 
     target    = pixels of the patch, normalised by their mean and unbiased variance when NORM_PIX
     loss      = sum_m w_m * mean_e (pred[m, e] - target[m, e])^2 / sum_m w_m          (w = mask)
@@ -11,13 +13,20 @@ Kernels (one program per block of BLOCK_P patch rows; the [M, E] target is never
 
     _mpl_forward_kernel    a [BLOCK_P, BLOCK_E] tile of pred and of the gathered pixels per program; mean and
                            variance two-pass in registers (or in three passes over BLOCK_E chunks when a patch
-                           is wider than one tile); writes one partial loss per program (summed afterwards in
-                           a fixed order: deterministic) and (mean, 1/std) per row
-    _mpl_backward_kernel   d_pred from pred, the pixels and the saved (mean, 1/std), chunk by chunk
+                           is wider than one tile); writes one partial (weighted loss, weight) pair per program
+                           and (mean, 1/std) per row
+    _mpl_finalize_kernel   one program: loss = sum of partial losses / sum of partial weights, both summed in a
+                           fixed order (deterministic), in the loss dtype
+    _mpl_backward_kernel   d_pred from pred, the pixels and the saved (mean, 1/std), chunk by chunk; the scale
+                           2 * grad / (E * sum(mask)) is formed in the kernel from two device scalars
+
+Launches per call (B256, 32 px, p4): forward 2 (kernel + finalize), backward 2 (mask.sum() + kernel).
 
 Rows whose mask weight is 0 are masked out of every load: an unmasked patch costs no memory traffic in the
 forward and only its zero store in the backward. Accumulation is fp32 (fp64 for fp64 pred).
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -69,30 +78,41 @@ def _patch_origin(b, n, W, CHW, S_w, PATCH: tl.constexpr):
 
 
 @triton.jit
-def _pixel_offset(e, W, HW, PATCH: tl.constexpr, CHANNELS: tl.constexpr):
-    """Offset inside a patch of element e = (i*p + j)*C + c of MAE's patchify order: c*H*W + i*W + j."""
-    pixel = e // CHANNELS
-    c = e - pixel * CHANNELS
+def _tile_offsets(t, W, HW, PATCH: tl.constexpr, CHANNELS: tl.constexpr):
+    """Tile column t = c*p*p + i*p + j (image order) -> (offset c*H*W + i*W + j inside the patch's pixels,
+    index e = (i*p + j)*C + c of MAE's patchify order inside the pred row)."""
+    c = t // (PATCH * PATCH)
+    pixel = t - c * (PATCH * PATCH)  # i*p + j
     i = pixel // PATCH
-    j = pixel - i * PATCH
-    return c * HW + i * W + j
+    return c * HW + i * W + (pixel - i * PATCH), pixel * CHANNELS + c
 
 
 @triton.jit
-def _load_pixels(images_ptr, origin, e, inside, W, HW,
+def _load_tile(images_ptr, pred_row, origin, t, inside, W, HW,
+               PATCH: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr):
+    """([BLOCK_P, BLOCK_E] pixels, pred values, pred indices e) of tile columns t; 0 outside `inside`."""
+    pix_off, e = _tile_offsets(t, W, HW, PATCH, CHANNELS)
+    pix = tl.load(images_ptr + origin[:, None] + pix_off[None, :], mask=inside, other=0.0).to(ACC)
+    x = tl.load(pred_row[:, None] + e[None, :], mask=inside, other=0.0).to(ACC)
+    return pix, x, e
+
+
+@triton.jit
+def _load_pixels(images_ptr, origin, t, inside, W, HW,
                  PATCH: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_P, BLOCK_E] pixels of the patches at `origin`, in MAE's (i, j, c) order; 0 outside `inside`."""
-    offsets = origin[:, None] + _pixel_offset(e, W, HW, PATCH, CHANNELS)[None, :]
-    return tl.load(images_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    """[BLOCK_P, BLOCK_E] pixels of tile columns t of the patches at `origin`; 0 outside `inside`."""
+    pix_off, _ = _tile_offsets(t, W, HW, PATCH, CHANNELS)
+    return tl.load(images_ptr + origin[:, None] + pix_off[None, :], mask=inside, other=0.0).to(ACC)
 
 
 @triton.jit
 def _mpl_forward_kernel(
     pred_ptr, images_ptr, mask_ptr, partial_ptr, stats_ptr,
-    M, N, E, W, HW, CHW, S_w, stride_pred_b,
+    M, N, E, W, HW, CHW, S_w, stride_pred_b, NUM_PROGRAMS,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM_PIX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):
+    # partial_ptr: [2, NUM_PROGRAMS] (weighted loss, weight) per program, in the accumulation dtype.
     pid = tl.program_id(0)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     row_in = rows < M
@@ -106,10 +126,9 @@ def _mpl_forward_kernel(
 
     if SINGLE_TILE:
         # The whole patch is one tile row: exact two-pass statistics in registers.
-        e = tl.arange(0, BLOCK_E)
-        inside = active[:, None] & (e < E)[None, :]
-        pix = _load_pixels(images_ptr, origin, e, inside, W, HW, PATCH, CHANNELS, ACC)
-        x = tl.load(pred_row[:, None] + e[None, :], mask=inside, other=0.0).to(ACC)
+        t = tl.arange(0, BLOCK_E)
+        inside = active[:, None] & (t < E)[None, :]
+        pix, x, _ = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
         if NORM_PIX:
             mean = tl.sum(pix, axis=1) / E
             centred = tl.where(inside, pix - mean[:, None], 0.0)
@@ -125,38 +144,51 @@ def _mpl_forward_kernel(
         # (the second and third passes re-read the pixels from cache).
         if NORM_PIX:
             total = tl.zeros((BLOCK_P,), dtype=ACC)
-            for e0 in range(0, E, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                inside = active[:, None] & (e < E)[None, :]
-                total += tl.sum(_load_pixels(images_ptr, origin, e, inside, W, HW, PATCH, CHANNELS, ACC), axis=1)
+            for t0 in range(0, E, BLOCK_E):
+                t = t0 + tl.arange(0, BLOCK_E)
+                inside = active[:, None] & (t < E)[None, :]
+                total += tl.sum(_load_pixels(images_ptr, origin, t, inside, W, HW, PATCH, CHANNELS, ACC), axis=1)
             mean = total / E
             m2 = tl.zeros((BLOCK_P,), dtype=ACC)
-            for e0 in range(0, E, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                inside = active[:, None] & (e < E)[None, :]
-                pix = _load_pixels(images_ptr, origin, e, inside, W, HW, PATCH, CHANNELS, ACC)
+            for t0 in range(0, E, BLOCK_E):
+                t = t0 + tl.arange(0, BLOCK_E)
+                inside = active[:, None] & (t < E)[None, :]
+                pix = _load_pixels(images_ptr, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
                 centred = tl.where(inside, pix - mean[:, None], 0.0)
                 m2 += tl.sum(centred * centred, axis=1)
             rstd = 1.0 / tl.sqrt(m2 / (E - 1) + NORM_PIX_EPS)
         squared = tl.zeros((BLOCK_P,), dtype=ACC)
-        for e0 in range(0, E, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            inside = active[:, None] & (e < E)[None, :]
-            pix = _load_pixels(images_ptr, origin, e, inside, W, HW, PATCH, CHANNELS, ACC)
-            x = tl.load(pred_row[:, None] + e[None, :], mask=inside, other=0.0).to(ACC)
+        for t0 in range(0, E, BLOCK_E):
+            t = t0 + tl.arange(0, BLOCK_E)
+            inside = active[:, None] & (t < E)[None, :]
+            pix, x, _ = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
             d = tl.where(inside, x - (pix - mean[:, None]) * rstd[:, None], 0.0)
             squared += tl.sum(d * d, axis=1)
 
     row_loss = tl.where(active, w.to(ACC) * (squared / E), 0.0)
     tl.store(partial_ptr + pid, tl.sum(row_loss, axis=0))
+    tl.store(partial_ptr + NUM_PROGRAMS + pid, tl.sum(w.to(ACC), axis=0))  # 0 outside M
     if NORM_PIX:
         tl.store(stats_ptr + rows.to(tl.int64) * 2, tl.where(active, mean, 0.0), mask=row_in)
         tl.store(stats_ptr + rows.to(tl.int64) * 2 + 1, tl.where(active, rstd, 0.0), mask=row_in)
 
 
 @triton.jit
+def _mpl_finalize_kernel(partial_ptr, loss_ptr, NUM_PARTIALS, BLOCK: tl.constexpr):
+    """loss = sum(partial[0]) / sum(partial[1]): one program, a fixed summation order."""
+    acc_loss = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    acc_weight = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    for i0 in range(0, NUM_PARTIALS, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        acc_loss += tl.load(partial_ptr + i, mask=i < NUM_PARTIALS, other=0.0)
+        acc_weight += tl.load(partial_ptr + NUM_PARTIALS + i, mask=i < NUM_PARTIALS, other=0.0)
+    loss = tl.sum(acc_loss, axis=0) / tl.sum(acc_weight, axis=0)
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _mpl_backward_kernel(
-    pred_ptr, images_ptr, mask_ptr, stats_ptr, scale_ptr, dpred_ptr,
+    pred_ptr, images_ptr, mask_ptr, stats_ptr, grad_ptr, mask_sum_ptr, dpred_ptr,
     M, N, E, W, HW, CHW, S_w, stride_pred_b,
     PATCH: tl.constexpr, CHANNELS: tl.constexpr, NORM_PIX: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -168,30 +200,39 @@ def _mpl_backward_kernel(
     active = row_in & (w != 0)
     b, n = _split_rows(rows, N)
     origin = _patch_origin(b, n, W, CHW, S_w, PATCH)
-    pred_row = b.to(tl.int64) * stride_pred_b + n.to(tl.int64) * E
+    pred_row = pred_ptr + b.to(tl.int64) * stride_pred_b + n.to(tl.int64) * E
     if NORM_PIX:
         mean = tl.load(stats_ptr + rows.to(tl.int64) * 2, mask=active, other=0.0).to(ACC)
         rstd = tl.load(stats_ptr + rows.to(tl.int64) * 2 + 1, mask=active, other=0.0).to(ACC)
     else:
         mean = tl.zeros((BLOCK_P,), dtype=ACC)
         rstd = tl.full((BLOCK_P,), 1.0, dtype=ACC)
-    coef = tl.load(scale_ptr).to(ACC) * w
-    offset = rows.to(tl.int64) * E  # d_pred is contiguous
-    for e0 in range(0, E, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        e_in = (e < E)[None, :]
-        inside = active[:, None] & e_in
-        pix = _load_pixels(images_ptr, origin, e, inside, W, HW, PATCH, CHANNELS, ACC)
-        x = tl.load(pred_ptr + pred_row[:, None] + e[None, :], mask=inside, other=0.0).to(ACC)
+    # d loss / d pred = 2 * grad / (E * sum(mask)) * w * (pred - target), the reference's formula.
+    scale = tl.load(grad_ptr).to(ACC) * 2 / (E * tl.load(mask_sum_ptr).to(ACC))
+    coef = scale * w
+    out_row = dpred_ptr + rows.to(tl.int64) * E  # d_pred is contiguous
+    for t0 in range(0, E, BLOCK_E):
+        t = t0 + tl.arange(0, BLOCK_E)
+        t_in = (t < E)[None, :]
+        inside = active[:, None] & t_in
+        pix, x, e = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
         grad = coef[:, None] * (x - (pix - mean[:, None]) * rstd[:, None])
         grad = tl.where(inside, grad, 0.0)  # unmasked rows get exact zeros whatever the scale
-        tl.store(dpred_ptr + offset[:, None] + e[None, :], grad.to(dpred_ptr.dtype.element_ty),
-                 mask=row_in[:, None] & e_in)
+        tl.store(out_row[:, None] + e[None, :], grad.to(dpred_ptr.dtype.element_ty), mask=row_in[:, None] & t_in)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
+FINALIZE_BLOCK = 1024
+_MAX_ROWS = 2 ** 31 - 2 ** 16  # row indices are int32 in the kernels (offsets that scale with them are int64)
+
+
+def _on_device(tensor: torch.Tensor):
+    """Launch under the tensor's GPU (not the current one); a no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -201,43 +242,52 @@ def _geometry(images: torch.Tensor, patch_size: int) -> dict:
     return dict(N=(H // patch_size) * (W // patch_size), W=W, HW=H * W, CHW=C * H * W, S_w=W // patch_size)
 
 
+def forward_grid(num_rows: int, cfg: dict) -> tuple:
+    """Programs of the forward and backward kernels: one per BLOCK_P rows, all on axis 0 (up to 2^31 - 1)."""
+    if num_rows > _MAX_ROWS:
+        raise ValueError(f"masked_pixel_loss (triton): B*N must be below {_MAX_ROWS}, got {num_rows}")
+    return (triton.cdiv(num_rows, cfg["BLOCK_P"]),)
+
+
 def masked_pixel_loss_forward(pred, images, mask, patch_size: int, norm_pix: bool) -> tuple:
     """(loss [] in the promoted dtype of pred and images, stats [B, N, 2] or [0] in mask's dtype) from pred
     [B, N, E] (contiguous rows, any batch stride), images [B, C, H, W], mask [B, N] (fp32, fp64 for fp64 pred).
-    Inputs are validated; all but pred are contiguous."""
+    Inputs are validated; all but pred are contiguous. Two launches: the kernel and the finalize."""
     B, N, E = pred.shape
-    channels = images.shape[1]
     M = B * N
     stats = torch.empty((B, N, 2) if norm_pix else (0,), device=pred.device, dtype=mask.dtype)
+    loss = torch.empty((), device=pred.device, dtype=torch.promote_types(pred.dtype, images.dtype))
     cfg = launch_config(E, pred.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_P"]),)
-    partial = torch.zeros(grid[0] if M else 0, device=pred.device, dtype=mask.dtype)
-    if M > 0:
-        _mpl_forward_kernel[grid](
-            pred, images, mask, partial, stats if norm_pix else partial, M, E=E, stride_pred_b=pred.stride(0),
-            **_geometry(images, patch_size),
-            PATCH=patch_size, CHANNELS=channels, NORM_PIX=norm_pix, ACC=_acc(pred.dtype),
-            SINGLE_TILE=E <= cfg["BLOCK_E"], **cfg,
-        )
-    loss = partial.sum() / mask.sum()
-    return loss.to(torch.promote_types(pred.dtype, images.dtype)), stats
+    grid = forward_grid(M, cfg)
+    partial = torch.empty((2, grid[0]), device=pred.device, dtype=mask.dtype)  # every program writes its pair
+    with _on_device(pred):
+        if M > 0:
+            _mpl_forward_kernel[grid](
+                pred, images, mask, partial, stats if norm_pix else partial, M, E=E, stride_pred_b=pred.stride(0),
+                NUM_PROGRAMS=grid[0], **_geometry(images, patch_size),
+                PATCH=patch_size, CHANNELS=images.shape[1], NORM_PIX=norm_pix, ACC=_acc(pred.dtype),
+                SINGLE_TILE=E <= cfg["BLOCK_E"], **cfg,
+            )
+        _mpl_finalize_kernel[(1,)](partial, loss, grid[0], BLOCK=FINALIZE_BLOCK)
+    return loss, stats
 
 
 def masked_pixel_loss_backward(grad_loss, pred, images, mask, stats, patch_size: int, norm_pix: bool) -> torch.Tensor:
-    """d_pred [B, N, E] in pred's dtype; the target is recomputed from images and the forward's stats."""
+    """d_pred [B, N, E] in pred's dtype; the target is recomputed from images and the forward's stats.
+    Two launches: mask.sum() and the kernel."""
     B, N, E = pred.shape
     M = B * N
     d_pred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)  # contiguous
     if M == 0 or E == 0:
         return d_pred
-    scale = (grad_loss.reshape(1).to(mask.dtype) * 2 / (E * mask.sum())).contiguous()
     cfg = launch_config(E, pred.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_P"]),)
-    _mpl_backward_kernel[grid](
-        pred, images, mask, stats if norm_pix else mask, scale, d_pred, M, E=E, stride_pred_b=pred.stride(0),
-        **_geometry(images, patch_size),
-        PATCH=patch_size, CHANNELS=images.shape[1], NORM_PIX=norm_pix, ACC=_acc(pred.dtype), **cfg,
-    )
+    grid = forward_grid(M, cfg)
+    with _on_device(pred):
+        _mpl_backward_kernel[grid](
+            pred, images, mask, stats if norm_pix else mask, grad_loss, mask.sum(), d_pred, M, E=E,
+            stride_pred_b=pred.stride(0), **_geometry(images, patch_size),
+            PATCH=patch_size, CHANNELS=images.shape[1], NORM_PIX=norm_pix, ACC=_acc(pred.dtype), **cfg,
+        )
     return d_pred
 
 
@@ -245,7 +295,7 @@ def masked_pixel_loss_backward(grad_loss, pred, images, mask, stats, patch_size:
 # Ahead-of-time compile specs (walked by vitfast.compile_check)
 # ---------------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-_INTS = ("M", "N", "E", "W", "HW", "CHW", "S_w", "stride_pred_b")
+_INTS = ("M", "N", "E", "W", "HW", "CHW", "S_w", "stride_pred_b", "NUM_PROGRAMS", "NUM_PARTIALS")
 
 
 def _signature(kernel, pointers: dict) -> dict:
@@ -277,10 +327,17 @@ def _aot_specs() -> list:
             dict(common, SINGLE_TILE=channels * patch * patch <= cfg["BLOCK_E"]),
             variant=label, aligned=aligned + ("partial_ptr",), **launch))
         fn = _mpl_backward_kernel
+        loss_ty = _TRITON_DTYPE[torch.promote_types(pred_dtype, images_dtype)]
         specs.append(AotSpec(
-            fn, _signature(fn, dict(pred_ptr=pt, images_ptr=it, mask_ptr=acc, stats_ptr=acc, scale_ptr=acc,
-                                    dpred_ptr=pt)),
-            common, variant=label, aligned=aligned + ("scale_ptr", "dpred_ptr"), **launch))
+            fn, _signature(fn, dict(pred_ptr=pt, images_ptr=it, mask_ptr=acc, stats_ptr=acc, grad_ptr=loss_ty,
+                                    mask_sum_ptr=acc, dpred_ptr=pt)),
+            common, variant=label, aligned=aligned + ("grad_ptr", "mask_sum_ptr", "dpred_ptr"), **launch))
+    for acc, loss_types in (("fp32", ("fp32", "fp16", "bf16")), ("fp64", ("fp64",))):
+        for loss_ty in loss_types:
+            fn = _mpl_finalize_kernel
+            specs.append(AotSpec(fn, _signature(fn, dict(partial_ptr=acc, loss_ptr=loss_ty)),
+                                 dict(BLOCK=FINALIZE_BLOCK), variant=f"{acc}->{loss_ty}", num_warps=4, num_stages=1,
+                                 aligned=("partial_ptr", "loss_ptr")))
     return specs
 
 

@@ -60,7 +60,7 @@ def test_every_aot_spec_compiled_for_every_target_without_spills(report):
             assert (row["spill_stores"], row["spill_loads"]) == (0, 0), f"{key} spills"
 
 
-@pytest.mark.parametrize("kernel", ["_mpe_forward_kernel", "_mpe_bwd_weight_kernel", "_mpe_bwd_images_kernel"])
+@pytest.mark.parametrize("kernel", ["_mpe_forward_kernel", "_mpe_bwd_params_kernel", "_mpe_bwd_images_kernel"])
 def test_fp16_gemm_kernels_use_tensor_cores(report, kernel):
     _, data, _ = report
     rows = [r for r in data["rows"] if r["kernel"] == kernel and r["variant"].startswith("fp16")]

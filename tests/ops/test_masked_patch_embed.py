@@ -42,7 +42,7 @@ def reference_with_grads(inputs, grad):
 def backend_cases():
     cases = []
     for backend in ("cpu", "torch", "triton", "cuda"):
-        for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if backend == "cpu" else ()):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             cases.append((backend, dtype))
     return cases
 

@@ -188,9 +188,10 @@ def masked_patch_embed(
         if pos_embed is not None and num_positions < num_patches:
             check.fail(f"pos_embed has {num_positions} rows but there are {num_patches} patches; "
                        f"pass pos_idx to say which rows to use")
-        pos_idx = keep_idx
-    check.tensor("pos_idx", pos_idx, ("B", "K"), dtypes=(torch.int64,), device=device,
-                 value_range=(0, num_positions))
+        pos_idx = keep_idx  # already checked: in [0, num_patches), inside [0, num_positions); no second pass
+    else:
+        check.tensor("pos_idx", pos_idx, ("B", "K"), dtypes=(torch.int64,), device=device,
+                     value_range=(0, num_positions))
 
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
