@@ -148,9 +148,9 @@ def main(argv=None) -> int:
         for shape in (s for s in case.shapes if s.startswith("bench")):
             for dtype in args.dtypes.split(","):
                 rounds = args.rounds or (GPU_ROUNDS if device.type == "cuda" else CPU_ROUNDS[op])
-                rows += checks.time_case(case, shape, dtype, device, rounds, args.compile_backend)
-                print(markdown(finish([r for r in rows if (r["op"], r["shape"]) == (op, shape)], device, args.note)),
-                      flush=True)
+                group = checks.time_case(case, shape, dtype, device, rounds, args.compile_backend)
+                print(markdown(finish(group, device, args.note)), flush=True)
+                rows += group
     if args.mae_step:
         from mae_step import time_mae_step
         rows += time_mae_step(device, args.rounds or (GPU_ROUNDS if device.type == "cuda" else 5))
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     rows = finish(rows, device, args.note)
     out = args.out or os.path.join(HERE, "results", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{device.type}")
     write(rows, out)
-    print(markdown(rows))
+    print(markdown([r for r in rows if not r["op"].startswith(tuple(CASES))]))  # the MAE step and GEMM rows
     print(f"\nmachine: {machine(device)}, torch threads {torch.get_num_threads()}; rows in {out}.csv and {out}.json")
     return 0
 
