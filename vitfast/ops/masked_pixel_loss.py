@@ -242,7 +242,8 @@ def masked_pixel_loss(
             if total.item() == 0:
                 check.fail(message)
         else:  # no host sync on accelerators: an asynchronous device assert
-            torch._assert_async(total != 0, f"vitfast.ops.masked_pixel_loss: {message}")
+            # _assert_async fails on a zero value: 2 launches (sum, assert), no separate comparison.
+            torch._assert_async(total, f"vitfast.ops.masked_pixel_loss: {message}")
 
     chosen = BACKENDS.select(device, pred.dtype, backend)
     loss, _ = _masked_pixel_loss_op(pred, images, mask, patch_size, bool(norm_pix), chosen)
