@@ -67,8 +67,10 @@ def random_erasing(images: Tensor, probability: float, generator: torch.Generato
     u = torch.rand(batch, 5, generator=generator, device=device)
     area = (0.02 + u[:, 0] * (1 / 3 - 0.02)) * height * width
     aspect = torch.exp(np.log(0.3) + u[:, 1] * (np.log(1 / 0.3) - np.log(0.3)))
-    h = (area * aspect).sqrt().clamp(1, height).floor()
-    w = (area / aspect).sqrt().clamp(1, width).floor()
+    # Rounded (as torchvision's RandomErasing), not floored: flooring both sides shrank the mean erased area
+    # below the uniform law's, by 7 % at 32 px and 15 % at 16 px.
+    h = (area * aspect).sqrt().round().clamp(1, height)
+    w = (area / aspect).sqrt().round().clamp(1, width)
     top = ((height - h + 1) * u[:, 2]).floor()
     left = ((width - w + 1) * u[:, 3]).floor()
     rows = torch.arange(height, device=device).view(1, height, 1)
