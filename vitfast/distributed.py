@@ -53,6 +53,21 @@ def mean_over_ranks(values: Dict[str, float], info: DistInfo) -> Dict[str, float
     return {k: v / info.world_size for k, v in zip(keys, tensor.cpu().tolist())}
 
 
+def world_size() -> int:
+    """Processes in the default group (1 without torch.distributed): for code that has no DistInfo (modules)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, ...] of every rank concatenated in rank order [world·B, ...] (equal B everywhere; no gradient:
+    a loss that needs one uses the gather of its op)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -13,17 +13,15 @@ state (docs/methods.md §5.1 and §6.2). Neither carries gradients: updates run 
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import gather_rows, world_size
+
 __all__ = ["MomentumCentre", "FeatureQueue"]
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class MomentumCentre(nn.Module):
@@ -50,7 +48,7 @@ class MomentumCentre(nn.Module):
             raise ValueError(f"MomentumCentre.update: batch_mean must have {self.centre.shape[1]} values, "
                              f"got shape {tuple(batch_mean.shape)}")
         total = torch.cat([mean.float().flatten() * count, mean.new_full((1,), float(count), dtype=torch.float32)])
-        if _world() > 1:
+        if world_size() > 1:
             dist.all_reduce(total)
         global_mean = (total[:-1] / total[-1]).view_as(self.centre).to(self.centre.dtype)
         self.centre.mul_(self.momentum).add_(global_mean, alpha=1.0 - self.momentum)
@@ -85,9 +83,7 @@ class FeatureQueue(nn.Module):
         if ids.shape != features.shape[:1] or ids.dtype != torch.int64:
             raise ValueError(f"FeatureQueue.push: ids must be int64 [{features.shape[0]}], "
                              f"got {ids.dtype} {tuple(ids.shape)}")
-        features, ids = features.detach(), ids.detach()
-        if _world() > 1:
-            features, ids = _gather_rows(features), _gather_rows(ids)
+        features, ids = gather_rows(features.detach()), gather_rows(ids.detach())
         if features.shape[0] >= self.size:  # only the newest rows survive
             features, ids = features[-self.size:], ids[-self.size:]
         rows = (self.pointer + torch.arange(features.shape[0], device=self.ids.device)) % self.size
@@ -101,9 +97,3 @@ class FeatureQueue(nn.Module):
         n = int(self.filled)
         return self.features[:n], self.ids[:n]
 
-
-def _gather_rows(x: Tensor) -> Tensor:
-    """Concatenate ``x`` [B, ...] of every rank in rank order (equal B on every rank; no gradient)."""
-    parts: List[Tensor] = [torch.empty_like(x) for _ in range(_world())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
