@@ -2,7 +2,7 @@
 
 The methods compute their losses with fused ops (masked_pixel_loss, relation_loss) behind their forward;
 here every loss is recomputed from the method's own weights with plain tensor code that follows
-/work/shared/METHODS.md line by line (MAE §1, RelViT §2, the supervised fine-tune recipe §5), so a wrong
+docs/methods.md line by line (MAE §1, RelViT §2, the supervised fine-tune recipe §5.2), so a wrong
 normalisation, a mean over the wrong set or a dropped term changes the number. Defaults that carry a
 paper value are pinned at the end. Cost: ~2 s on 2 cores.
 """
@@ -33,7 +33,7 @@ def replay(generator_seed):
     return torch.Generator().manual_seed(generator_seed)
 
 
-# --- MAE (METHODS.md §1) ----------------------------------------------------------------------------------------
+# --- MAE (docs/methods.md §1) -----------------------------------------------------------------------------------
 
 def mae_by_hand(method, x, noise_generator, mask_ratio, norm_pix):
     """MAE's forward and loss as §1 describes them, with the method's weights."""
@@ -84,7 +84,7 @@ def test_mae_loss_is_the_masked_patch_mse(norm_pix):
     assert not math.isclose(loss.item(), mae_by_hand(method, x, replay(8), 0.75, norm_pix).item(), rel_tol=1e-3)
 
 
-# --- supervised (METHODS.md §5: CE with label smoothing on mixed targets) ----------------------------------------
+# --- supervised (docs/methods.md §5.2: CE with label smoothing on mixed targets) -----------------------------------
 
 def smoothed_ce(logits, targets, smoothing):
     """Cross-entropy against (1 - eps) * targets + eps / C, mean over the batch (Szegedy et al. 2016)."""
@@ -112,7 +112,7 @@ def test_supervised_loss_is_label_smoothed_ce_on_the_mixed_targets(mixup):
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
 
 
-# --- RelViT (METHODS.md §2) -------------------------------------------------------------------------------------
+# --- RelViT (docs/methods.md §2) --------------------------------------------------------------------------------
 
 def sign(value):
     return (value > 0) - (value < 0)
@@ -163,7 +163,7 @@ def test_relvit_joint_loss_adds_the_classification_ce():
 # --- defaults that carry a paper value --------------------------------------------------------------------------
 
 def test_mae_defaults_are_the_papers():
-    """METHODS.md §1: mask ratio 0.75, norm_pix loss, AdamW betas (0.9, 0.95), wd 0.05, lr 1.5e-4 * batch / 256,
+    """docs/methods.md §1: mask ratio 0.75, norm_pix loss, AdamW betas (0.9, 0.95), wd 0.05, lr 1.5e-4 * batch / 256,
     40 warm-up epochs, decoder 512 wide x 8 blocks x 16 heads (paper preset)."""
     defaults = METHODS["mae"].Config()
     assert (defaults.mask_ratio, defaults.norm_pix) == (0.75, True)
@@ -177,7 +177,7 @@ def test_mae_defaults_are_the_papers():
 
 
 def test_supervised_paper_defaults_are_the_papers():
-    """METHODS.md §5 fine-tune recipe: label smoothing 0.1, random erasing p 0.25, drop-path 0.1, AdamW lr 1e-3,
+    """docs/methods.md §5.2 fine-tune recipe: label smoothing 0.1, random erasing p 0.25, drop-path 0.1, AdamW lr 1e-3,
     wd 0.05, 100 epochs, 10 warm-up, AutoAugment on. (Mixup / cutmix details: issue 13.)"""
     c = build_config("supervised", "paper")
     m = c.method_config
@@ -187,7 +187,7 @@ def test_supervised_paper_defaults_are_the_papers():
 
 
 def test_relvit_defaults_are_the_papers():
-    """METHODS.md §2: no label smoothing on the position tasks, relation and absolute losses 1:1, d_h = D // 9;
+    """docs/methods.md §2: no label smoothing on the position tasks, relation and absolute losses 1:1, d_h = D // 9;
     paper preset ViT-S (384 / 12 / 6) with patch 4, AdamW lr 5e-4, wd 0.1, batch 256, grad-clip 1.0,
     100 upstream + 100 fine-tune epochs."""
     assert METHODS["relvit"].Config().label_smoothing == 0.0
