@@ -135,3 +135,82 @@ def test_random_erasing_rate_and_area_at_p_one_quarter(size):
     assert aspect.min() >= 0.3 * 0.5 and aspect.max() <= 3.3 * 2  # integer sides of small boxes widen the range
     noise = out[:, 0][changed]
     assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01  # N(0, 1) fill
+
+
+# --- AutoAugment ------------------------------------------------------------------------------------------------
+
+def paper_magnitude(name, index, width):
+    """(magnitude, signed) of bin ``index`` of 10, from the AutoAugment paper's ranges (Cubuk et al. 2019):
+    shear 0.3, translate 150/331 of the side, rotate 30 degrees, colour / contrast / brightness / sharpness
+    factor 1 +- 0.9, posterize 8 -> 4 bits, solarize threshold from the top of the range down to 0. A rounding
+    difference in a factor moves uint8 results, so the bins are float32 like the ops' own arithmetic."""
+    step = index / 9
+
+    def bin_of(top):  # 10 bins from 0 to ``top`` in float32, the precision the op factors are computed in
+        return float(torch.linspace(0.0, top, 10)[index])
+
+    table = {"ShearX": (bin_of(0.3), True), "ShearY": (bin_of(0.3), True),
+             "TranslateX": (bin_of(150 / 331 * width), True), "TranslateY": (bin_of(150 / 331 * width), True),
+             "Rotate": (bin_of(30.0), True), "Color": (bin_of(0.9), True), "Contrast": (bin_of(0.9), True),
+             "Brightness": (bin_of(0.9), True), "Sharpness": (bin_of(0.9), True),
+             "Posterize": (8 - round(4 * step), False),
+             "Solarize": (255 * float(torch.linspace(1.0, 0.0, 10)[index]), False)}  # 255 = uint8's top
+    return table.get(name, (0.0, False))
+
+
+def apply_op(images, name, magnitude):
+    """One AutoAugment op on uint8 images with torchvision's functional ops (nearest, zero fill)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    nearest = InterpolationMode.NEAREST
+    shear = math.degrees(math.atan(magnitude))
+    ops = {
+        "ShearX": lambda x: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
+                                      interpolation=nearest, center=[0, 0]),
+        "ShearY": lambda x: TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, shear],
+                                      interpolation=nearest, center=[0, 0]),
+        "TranslateX": lambda x: TF.affine(x, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0],
+                                          interpolation=nearest),
+        "TranslateY": lambda x: TF.affine(x, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0],
+                                          interpolation=nearest),
+        "Rotate": lambda x: TF.rotate(x, magnitude, interpolation=nearest),
+        "Brightness": lambda x: TF.adjust_brightness(x, 1 + magnitude),
+        "Color": lambda x: TF.adjust_saturation(x, 1 + magnitude),
+        "Contrast": lambda x: TF.adjust_contrast(x, 1 + magnitude),
+        "Sharpness": lambda x: TF.adjust_sharpness(x, 1 + magnitude),
+        "Posterize": lambda x: TF.posterize(x, int(magnitude)),
+        "Solarize": lambda x: TF.solarize(x, magnitude),
+        "AutoContrast": TF.autocontrast, "Equalize": TF.equalize, "Invert": TF.invert,
+    }
+    return ops[name](images)
+
+
+def test_autoaugment_applies_the_drawn_sub_policy_with_the_papers_magnitudes():
+    """The same draws replayed from torch's global RNG (per group of 8: one sub-policy uniformly, each op with
+    its probability, a random sign for signed ops) and applied with torchvision's functional ops at the paper's
+    magnitudes give the output bit for bit; groups draw independently."""
+    from torchvision.transforms import v2
+
+    from vitfast.data import autoaugment
+
+    policies = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)._policies
+    images = torch.randint(0, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    torch.manual_seed(5)
+    out = autoaugment(images)
+    torch.manual_seed(5)
+    drawn, applied, expected = [], 0, []
+    for chunk in images.split(8):
+        policy = int(torch.randint(len(policies), ()))
+        drawn.append(policy)
+        for name, probability, index in policies[policy]:
+            if not torch.rand(()) <= probability:
+                continue
+            magnitude, signed = paper_magnitude(name, index if index is not None else 0, images.shape[-1])
+            if signed and torch.rand(()) <= 0.5:
+                magnitude = -magnitude
+            chunk = apply_op(chunk, name, magnitude)
+            applied += 1
+        expected.append(chunk)
+    assert torch.equal(out, torch.cat(expected))
+    assert len(set(drawn)) >= 4 and applied >= 4  # several sub-policies and ops really ran
