@@ -2,8 +2,9 @@
 
 Math (``M = B*N`` patch rows, ``E = p*p*C``, patch ``n`` at grid row ``n // S_w``, column ``n % S_w``,
 element ``e = (i*p + j)*C + c`` of a row pairs with pixel ``images[b, c, (n // S_w)*p + i, (n % S_w)*p + j]``).
-Tiles walk a patch in image order ``t = c*p*p + i*p + j`` (runs of p contiguous pixels: coalesced image
-loads) and read pred at ``e = (i*p + j)*C + c`` (inside one contiguous pred row):
+The forward walks a patch in image order ``t = c*p*p + i*p + j`` (runs of p contiguous pixels: coalesced,
+vectorised image loads, read up to three times) and reads pred C-strided inside its contiguous row; the
+backward walks it in pred order (contiguous pred loads and d_pred stores, C-interleaved pixels):
 
     target    = pixels of the patch, normalised by their mean and unbiased variance when NORM_PIX
     loss      = sum_m w_m * mean_e (pred[m, e] - target[m, e])^2 / sum_m w_m          (w = mask)
@@ -74,24 +75,36 @@ def _patch_origin(b, n, W, CHW, S_w, PATCH: tl.constexpr):
     """Offset (int64, elements) of pixel (channel 0, row 0, col 0) of patch n of image b."""
     grid_row = n // S_w
     grid_col = n - grid_row * S_w
-    return b.to(tl.int64) * CHW + (grid_row * (PATCH * W) + grid_col * PATCH).to(tl.int64)
+    origin = b.to(tl.int64) * CHW + (grid_row * (PATCH * W) + grid_col * PATCH).to(tl.int64)
+    return tl.multiple_of(origin, PATCH)  # C*H*W and W are multiples of p
 
 
 @triton.jit
-def _tile_offsets(t, W, HW, PATCH: tl.constexpr, CHANNELS: tl.constexpr):
-    """Tile column t = c*p*p + i*p + j (image order) -> (offset c*H*W + i*W + j inside the patch's pixels,
-    index e = (i*p + j)*C + c of MAE's patchify order inside the pred row)."""
-    c = t // (PATCH * PATCH)
-    pixel = t - c * (PATCH * PATCH)  # i*p + j
-    i = pixel // PATCH
-    return c * HW + i * W + (pixel - i * PATCH), pixel * CHANNELS + c
+def _tile_offsets(t, W, HW, PATCH: tl.constexpr, CHANNELS: tl.constexpr, IMAGE_ORDER: tl.constexpr):
+    """Tile column t -> (offset c*H*W + i*W + j of its pixel inside the patch, index e = (i*p + j)*C + c of MAE's
+    patchify order inside the pred row). IMAGE_ORDER: t = c*p*p + i*p + j, runs of p contiguous pixels (coalesced
+    image loads, pred read C-strided); else t = e (contiguous pred, pixels C-interleaved). Equal when C == 1."""
+    if IMAGE_ORDER or CHANNELS == 1:
+        c = t // (PATCH * PATCH)
+        pixel = t - c * (PATCH * PATCH)  # i*p + j
+        i = pixel // PATCH
+        # Runs of p contiguous pixels starting at multiples of p (W and H*W are multiples of p): vector loads.
+        pix_off = tl.max_contiguous(tl.multiple_of(c * HW + i * W + (pixel - i * PATCH), PATCH), PATCH)
+        e = t if CHANNELS == 1 else pixel * CHANNELS + c
+    else:
+        pixel = t // CHANNELS
+        c = t - pixel * CHANNELS
+        i = pixel // PATCH
+        pix_off = c * HW + i * W + (pixel - i * PATCH)
+        e = t
+    return pix_off, e
 
 
 @triton.jit
 def _load_tile(images_ptr, pred_row, origin, t, inside, W, HW,
-               PATCH: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr):
+               PATCH: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr, IMAGE_ORDER: tl.constexpr):
     """([BLOCK_P, BLOCK_E] pixels, pred values, pred indices e) of tile columns t; 0 outside `inside`."""
-    pix_off, e = _tile_offsets(t, W, HW, PATCH, CHANNELS)
+    pix_off, e = _tile_offsets(t, W, HW, PATCH, CHANNELS, IMAGE_ORDER)
     pix = tl.load(images_ptr + origin[:, None] + pix_off[None, :], mask=inside, other=0.0).to(ACC)
     x = tl.load(pred_row[:, None] + e[None, :], mask=inside, other=0.0).to(ACC)
     return pix, x, e
@@ -100,8 +113,8 @@ def _load_tile(images_ptr, pred_row, origin, t, inside, W, HW,
 @triton.jit
 def _load_pixels(images_ptr, origin, t, inside, W, HW,
                  PATCH: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_P, BLOCK_E] pixels of tile columns t of the patches at `origin`; 0 outside `inside`."""
-    pix_off, _ = _tile_offsets(t, W, HW, PATCH, CHANNELS)
+    """[BLOCK_P, BLOCK_E] pixels of tile columns t (image order) of the patches at `origin`; 0 outside `inside`."""
+    pix_off, _ = _tile_offsets(t, W, HW, PATCH, CHANNELS, True)
     return tl.load(images_ptr + origin[:, None] + pix_off[None, :], mask=inside, other=0.0).to(ACC)
 
 
@@ -128,7 +141,7 @@ def _mpl_forward_kernel(
         # The whole patch is one tile row: exact two-pass statistics in registers.
         t = tl.arange(0, BLOCK_E)
         inside = active[:, None] & (t < E)[None, :]
-        pix, x, _ = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
+        pix, x, _ = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC, True)
         if NORM_PIX:
             mean = tl.sum(pix, axis=1) / E
             centred = tl.where(inside, pix - mean[:, None], 0.0)
@@ -161,7 +174,7 @@ def _mpl_forward_kernel(
         for t0 in range(0, E, BLOCK_E):
             t = t0 + tl.arange(0, BLOCK_E)
             inside = active[:, None] & (t < E)[None, :]
-            pix, x, _ = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
+            pix, x, _ = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC, True)
             d = tl.where(inside, x - (pix - mean[:, None]) * rstd[:, None], 0.0)
             squared += tl.sum(d * d, axis=1)
 
@@ -215,7 +228,8 @@ def _mpl_backward_kernel(
         t = t0 + tl.arange(0, BLOCK_E)
         t_in = (t < E)[None, :]
         inside = active[:, None] & t_in
-        pix, x, e = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC)
+        # Pred order: contiguous pred loads and d_pred stores (the pixels are C-interleaved here).
+        pix, x, e = _load_tile(images_ptr, pred_row, origin, t, inside, W, HW, PATCH, CHANNELS, ACC, False)
         grad = coef[:, None] * (x - (pix - mean[:, None]) * rstd[:, None])
         grad = tl.where(inside, grad, 0.0)  # unmasked rows get exact zeros whatever the scale
         tl.store(out_row[:, None] + e[None, :], grad.to(dpred_ptr.dtype.element_ty), mask=row_in[:, None] & t_in)
