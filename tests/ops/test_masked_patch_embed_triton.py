@@ -230,3 +230,16 @@ def test_aot_specs_use_the_launch_tables():
             if k == klass:
                 assert (kernel, label, index) in seen, (kernel, label, index)
     assert {spec.name for spec in mpe.AOT_SPECS} >= {"_mpe_reduce_splits_kernel"}
+
+
+def test_launches_under_the_inputs_device():
+    """Tensors on cuda:1 while cuda:0 is current: both ops' launchers enter the input's device (no GPU needed:
+    the guard object is inspected, not entered); CPU tensors (the interpreter) get no guard."""
+    from types import SimpleNamespace
+
+    from vitfast.kernels import masked_pixel_loss as mpl
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    for module in (mpe, mpl):
+        guard = module._on_device(on_gpu1)
+        assert isinstance(guard, torch.cuda.device) and guard.idx == 1, module.__name__
+        assert not isinstance(module._on_device(torch.zeros(1)), torch.cuda.device)
