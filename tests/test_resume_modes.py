@@ -102,7 +102,8 @@ CASES = {
     "supervised-droppath-dropout-recipe": ("supervised", 6, dict(drop_path=0.3, mixup=0.8, cutmix=1.0,
                                                                   random_erasing=0.25, autoaugment=True)),
     "supervised-fp16": ("supervised", 3, dict(precision="fp16", drop_path=0.2, mixup=0.8, cutmix=1.0)),
-    "mae-bf16-droppath": ("mae", 6, dict(precision="bf16", drop_path=0.3)),
+    # With the per-epoch k-NN in the history and the random-init k-NN baseline (both compared).
+    "mae-bf16-droppath": ("mae", 6, dict(precision="bf16", drop_path=0.3, eval_every=1, metrics="knn")),
     "mae-fp16": ("mae", 3, dict(precision="fp16")),
     "relvit-upstream-bf16": ("relvit", 6, dict(precision="bf16", drop_path=0.3)),
 }
@@ -113,6 +114,8 @@ def test_resume_is_exact_in_every_mode(tmp_path, case, with_dropout):
     method, stop_at, overrides = CASES[case]
     full, resumed = train_full_and_split(tmp_path, method, stop_at, **overrides)
     assert full["step"] == 10 and len(full["history"]) == 1
+    if overrides.get("eval_every"):
+        assert "knn_accuracy" in full["history"][0] and "random_init_knn_accuracy" in full["baseline"]
     assert_resumed_equals_full(full, resumed)
     if overrides.get("precision") == "fp16":
         # The scaler is really in use (enabled, its scale saved); its state is compared above.
