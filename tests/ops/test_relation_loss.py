@@ -72,7 +72,7 @@ def reference_with_grads(q, k, kwargs, grad):
 def backend_cases():
     cases = []
     for backend in ("cpu", "torch", "triton"):
-        for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if backend == "cpu" else ()):
+        for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if backend != "torch" else ()):
             cases.append((backend, dtype))
     return cases
 
@@ -449,22 +449,95 @@ def test_bad_arguments_are_named(change, message):
         relation_loss(**args)
     assert message in str(error.value), str(error.value)
     assert str(error.value).startswith("vitfast.ops.relation_loss: ")
-# ---- the Triton launch tables ----
+# ---- the Triton kernels: branches the grid above does not reach, saved state, launch tables ----
 
-def test_triton_aot_specs_use_the_launch_tables():
-    triton = pytest.importorskip("triton")  # noqa: F841
+def _triton_kernels():
+    pytest.importorskip("triton")
     from vitfast.kernels import relation_loss as kernels
+    return kernels
 
-    tables = {"_relation_fwd_kernel": kernels.FORWARD_CONFIG, "_relation_bwd_dq_kernel": kernels.BWD_DQ_CONFIG,
-              "_relation_bwd_dk_kernel": kernels.BWD_DK_CONFIG}
+
+@pytest.mark.parametrize("case", ["tf32", "wide-head"])
+def test_triton_other_branches(case, assert_close, backend_device, request):
+    """fp32 dots as TF32 (matmul precision "high"; exact fp32 under the interpreter), and d_h > 128, which runs two
+    128-wide d chunks per own tile in the backward. Against the reference, with the tolerance of each."""
+    device = backend_device("triton")
+    skip_unless_runs("triton", device)
+    d_h = 130 if case == "wide-head" else 12
+    if case == "tf32":
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        request.addfinalizer(lambda: torch.set_float32_matmul_precision(before))
+        assert _triton_kernels()._scalars(torch.empty(1, 1, 9, d_h), 0.0)["INPUT_PRECISION"] == "tf32"
+    q, k, kwargs = make_inputs((1, 20, 5, d_h, "subset", ("mask",)), torch.float32, device)
+    q.requires_grad_(), k.requires_grad_()
+    positions = kwargs.pop("positions")
+    loss = relation_loss(q, k, positions, backend="triton", **kwargs)
+    grad = torch.tensor(float(selected_pairs(q, kwargs)), device=device)
+    grads = torch.autograd.grad(loss, (q, k), grad)
+    want_loss, _, *want_grads = reference_with_grads(q, k, dict(kwargs, positions=positions), grad.double().cpu())
+    # TF32 on a GPU rounds the dot inputs to 10 mantissa bits: the fp16 tolerance
+    dtype = torch.float16 if case == "tf32" and torch.cuda.is_available() else torch.float32
+    assert_close(loss.detach().cpu(), want_loss, dtype, "loss")
+    for got, want in zip(grads, want_grads):
+        assert_close(got.cpu(), want, dtype, "grad")
+
+
+def test_triton_saved_state_and_determinism(backend_device):
+    """The forward saves each pair's log-sum-exp (log2 units) and target (-1 off the selection) and q, k packed
+    class-major with zero padding; the backward reads those (not positions or the mask) and is bitwise repeatable."""
+    device = backend_device("triton")
+    skip_unless_runs("triton", device)
+    kernels = _triton_kernels()
+    q, k, kwargs = make_inputs((2, 24, 5, 20, "subset", ("mask",)), torch.float16, device, seed=4)
+    positions, mask = kwargs["positions"], kwargs["pair_mask"]
+    loss, accuracy, count, lse, target, q_packed, k_packed = kernels.relation_loss_forward(
+        q, k, positions, None, mask, 5, 0.0)
+    assert [tuple(t.shape) for t in (lse, target, q_packed)] == [(2, 24, 24), (2, 24, 24), (2, 9, 24, 64)]
+    logits = relation_logits(q.double(), k.double())
+    torch.testing.assert_close(lse.double(), logits.logsumexp(1) / np.log(2.0), atol=1e-4, rtol=1e-4)
+    want_target = torch.where(mask, relation_targets(positions, 5), -1)
+    assert target.dtype == torch.int16 and torch.equal(target.long(), want_target)
+    assert torch.equal(q_packed[..., :20], q.permute(0, 2, 1, 3)) and not q_packed[..., 20:].any()
+    assert count.item() == mask.sum().item()
+    runs = [kernels.relation_loss_backward(torch.tensor(2.0, device=device), count, q, k, None, None, None, 0, 0.0,
+                                           [True, True], lse, target, q_packed, k_packed) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float16 and a.shape == q.shape and torch.equal(a, b)
+    only_k = kernels.relation_loss_backward(torch.tensor(2.0, device=device), count, q, k, None, None, None, 0, 0.0,
+                                            [False, True], lse, target, q_packed, k_packed)
+    assert only_k[0] is None and torch.equal(only_k[1], runs[0][1])
+
+
+def test_triton_opcheck(backend_device):
+    """The registration with the triton backend's saved state (fake shapes, schema, autograd) passes opcheck."""
+    device = backend_device("triton")
+    skip_unless_runs("triton", device)
+    q, k, kwargs = make_inputs((1, 9, 3, 6, "subset", ("mask",)), torch.float32, device)
+    q.requires_grad_(), k.requires_grad_()
+    args = (q, k, kwargs["positions"], None, kwargs["pair_mask"], 3, 0.1, "triton")
+    torch.library.opcheck(torch.ops.vitfast.relation_loss.default, args)
+
+
+def test_triton_aot_specs_cover_the_launch_tables():
+    """AOT_SPECS hold every kernel x dtype x precision x BLOCK_D candidate, with the launchers' tables."""
+    kernels = _triton_kernels()
+    tables = {"_relation_fwd_kernel": kernels.FORWARD_CONFIG, "_relation_bwd_kernel": kernels.BACKWARD_CONFIG}
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     seen = set()
     for spec in kernels.AOT_SPECS:
-        dtype = dtypes[spec.variant.split("-")[0]]
-        cfg = tables[spec.name][dtype]
-        assert {k: v for k, v in spec.constexprs.items() if k.startswith("BLOCK_")} == \
-            {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}, spec.variant
+        dtype = dtypes[spec.variant.split("-")[0].split(" ")[0]]
+        cfg = tables[spec.name][spec.constexprs["BLOCK_D"]][dtype]
+        assert {key: spec.constexprs[key] for key in cfg if key.startswith("BLOCK_")} == \
+            {key: value for key, value in cfg.items() if key.startswith("BLOCK_")}, spec.variant
         assert (spec.num_warps, spec.num_stages) == (cfg["num_warps"], cfg["num_stages"]), spec.variant
         assert spec.tensor_cores == (dtype != torch.float32 or "tf32" in spec.variant)
-        seen.add((spec.name, dtype))
-    assert seen == {(name, dtype) for name in tables for dtype in dtypes.values()}
+        seen.add((spec.name, dtype, spec.constexprs["INPUT_PRECISION"], spec.constexprs["BLOCK_D"],
+                  spec.constexprs.get("KEYS")))
+    want = {(name, dtype, precision, block, keys) for name in tables for block in kernels.BLOCK_D_CANDIDATES
+            for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32"),
+                                     (torch.bfloat16, "tf32"))
+            for keys in ((None,) if name == "_relation_fwd_kernel" else (False, True))}
+    assert seen == want
+    # every head width picks one of the candidates, and the tested shapes (d_h 12, 20, 42, 85, 130) reach both
+    assert [kernels.block_d(d) for d in (12, 20, 42, 64, 65, 85, 130)] == [64] * 4 + [128] * 3

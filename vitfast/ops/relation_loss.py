@@ -30,8 +30,9 @@ Shapes and dtypes: q, k [B, N, C, d_h] fp16 / bf16 / fp32 / fp64 (one dtype; aut
 positions [B, N] int64 in [0, S*S); targets [B, N, N] int64 in [0, C). The loss (and accuracy) is a 0-d tensor
 in float32 (float64 for float64 inputs): every backend accumulates in fp32. Gradients flow to q and k in their dtype.
 
-Memory: the logits [B, C, N, N] are never stored. The forward keeps per-(b, i) row statistics only; the backward
-recomputes the logits tile by tile from q and k (nothing per pair is saved between forward and backward).
+Memory: the logits [B, C, N, N] are never stored; the backward recomputes them tile by tile. Between forward and
+backward the cpu backend keeps nothing per pair; the triton backend keeps each pair's log-sum-exp and target (6 bytes
+per pair: 15 MB at B = 64, N = 196) and q, k packed in its layout, so its backward redoes neither.
 ``relation_logits`` is the dense (materialising) [B, C, N, N] version for small N, inspection and tests.
 
 Backends: ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1), ``cpu`` (vitfast._C) and ``torch`` (the reference
@@ -149,53 +150,69 @@ BACKENDS = declare_backends(
 
 
 # ---- torch.library registration: the op composes with autograd, torch.compile and opcheck ----
+# The triton forward also returns what its backward reuses: each pair's log-sum-exp and target, and q, k packed once
+# into the kernels' layout (vitfast/kernels/relation_loss.py). Every other backend saves nothing: empty tensors take
+# those four places, and its backward is called without them.
+_SAVES_STATE = ("triton",)
+
+
+def _empty_state(q: Tensor, backend: str) -> List[Tensor]:
+    if backend in _SAVES_STATE:
+        from vitfast.kernels.relation_loss import saved_like  # noqa: PLC0415 (triton is imported when used)
+        return saved_like(q)
+    return [q.new_empty(0) for _ in range(4)]
+
 
 @torch.library.custom_op("vitfast::relation_loss", mutates_args=())
 def _relation_loss_op(
     q: Tensor, k: Tensor, positions: Optional[Tensor], targets: Optional[Tensor], pair_mask: Optional[Tensor],
     grid_size: int, label_smoothing: float, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss [] accumulation dtype, accuracy [] float32, count [] int64 = number of selected pairs)."""
-    return tuple(BACKENDS(backend).forward(q, k, positions, targets, pair_mask, grid_size, label_smoothing))
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [] accumulation dtype, accuracy [] float32, count [] int64 = number of selected pairs, *state)."""
+    loss, accuracy, count, *state = BACKENDS(backend).forward(q, k, positions, targets, pair_mask, grid_size,
+                                                              label_smoothing)
+    return (loss, accuracy, count, *(state if backend in _SAVES_STATE else _empty_state(q, backend)))
 
 
 @_relation_loss_op.register_fake
 def _(q, k, positions, targets, pair_mask, grid_size, label_smoothing, backend):
     return (q.new_empty((), dtype=accumulation_dtype(q.dtype)), q.new_empty((), dtype=torch.float32),
-            q.new_empty((), dtype=torch.int64))
+            q.new_empty((), dtype=torch.int64), *_empty_state(q, backend))
 
 
 @torch.library.custom_op("vitfast::relation_loss_backward", mutates_args=())
 def _relation_loss_backward_op(
     grad_loss: Tensor, count: Tensor, q: Tensor, k: Tensor, positions: Optional[Tensor], targets: Optional[Tensor],
     pair_mask: Optional[Tensor], grid_size: int, label_smoothing: float, output_mask: List[bool], backend: str,
+    lse: Tensor, saved_target: Tensor, q_packed: Tensor, k_packed: Tensor,
 ) -> Tuple[Tensor, Tensor]:
+    state = (lse, saved_target, q_packed, k_packed) if backend in _SAVES_STATE else ()
     grads = BACKENDS(backend).backward(grad_loss.contiguous(), count, q, k, positions, targets, pair_mask, grid_size,
-                                       label_smoothing, list(output_mask))
+                                       label_smoothing, list(output_mask), *state)
     # A custom op returns tensors only: an unneeded gradient travels as an empty tensor.
     return tuple(g if g is not None and needed else q.new_empty(0) for g, needed in zip(grads, output_mask))
 
 
 @_relation_loss_backward_op.register_fake
-def _(grad_loss, count, q, k, positions, targets, pair_mask, grid_size, label_smoothing, output_mask, backend):
+def _(grad_loss, count, q, k, positions, targets, pair_mask, grid_size, label_smoothing, output_mask, backend, *state):
     return tuple(t.new_empty(t.shape if needed else (0,)) for t, needed in zip((q, k), output_mask))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, positions, targets, pair_mask, grid_size, label_smoothing, backend = inputs
-    # Inputs and the pair count only: the backward recomputes every logit tile from q and k.
-    ctx.save_for_backward(q, k, positions, targets, pair_mask, output[2])
+    # Inputs, the pair count and the backend's state (the torch / cpu backwards recompute every logit tile from q, k).
+    ctx.save_for_backward(q, k, positions, targets, pair_mask, *output[2:])
     ctx.grid_size, ctx.label_smoothing, ctx.backend = grid_size, label_smoothing, backend
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_loss, grad_accuracy, grad_count):
-    q, k, positions, targets, pair_mask, count = ctx.saved_tensors
+def _backward(ctx, grad_loss, *unused_grads):
+    q, k, positions, targets, pair_mask, count, *state = ctx.saved_tensors
     output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
     if not any(output_mask) or grad_loss is None:
         return (None,) * 8
     d_q, d_k = _relation_loss_backward_op(grad_loss, count, q, k, positions, targets, pair_mask, ctx.grid_size,
-                                          ctx.label_smoothing, output_mask, ctx.backend)
+                                          ctx.label_smoothing, output_mask, ctx.backend, *state)
     return (d_q if output_mask[0] else None, d_k if output_mask[1] else None) + (None,) * 6
 
 
@@ -240,6 +257,6 @@ def relation_loss(
 
     chosen = BACKENDS.select(device, q.dtype, backend)
     contiguous = lambda t: t.contiguous() if t is not None else None
-    loss, accuracy, _ = _relation_loss_op(q.contiguous(), k.contiguous(), contiguous(positions), contiguous(targets),
-                                          contiguous(pair_mask), int(grid_size), float(label_smoothing), chosen)
+    loss, accuracy, *_ = _relation_loss_op(q.contiguous(), k.contiguous(), contiguous(positions), contiguous(targets),
+                                           contiguous(pair_mask), int(grid_size), float(label_smoothing), chosen)
     return (loss, accuracy) if return_accuracy else loss
