@@ -9,7 +9,7 @@ matmul FLOPs only (2 per multiply-add, what tensor cores execute, padding includ
 normalisation) is not counted on either side.
 
 - fused: launch by launch from the Triton kernels' loads and stores and the torch glue around them in
-  ``kernels/<op>.py`` (backend ``triton``), as the code stood at 2026-12-01 ~17:00 UTC (see ``SOURCE``). When the
+  ``kernels/<op>.py`` (backend ``triton``), as the code stood at 2026-12-01 ~16:55 UTC (see ``SOURCE``). When the
   kernels change, these formulas must be updated with them. The op wrapper's argument checks (index range and
   mask.sum() != 0 asserts) are not counted, nor is the reference's own input validation.
 - unfused: every aten op that forward + backward of the op's plain-PyTorch reference runs (logged with a
@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-SOURCE = "kernels/*.py as of 2026-12-01 ~17:00 UTC"
+SOURCE = "kernels/*.py as of 2026-12-01 ~16:55 UTC: 6af5d04, 98695fe, f9b8ca8, relation_mlp_loss split partials"
 
 
 def _touched_bytes(t: torch.Tensor) -> int:
