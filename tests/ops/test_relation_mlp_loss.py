@@ -320,7 +320,8 @@ TRITON_SHAPES = [
 
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("task,activation", CASES, ids=lambda v: str(v))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda v: str(v).replace("torch.", ""))
 def test_triton_matches_reference(dtype, task, activation, shape, assert_close):
     skip_unless_runs("triton")
     inputs, kwargs = make_inputs(shape, dtype, task)
@@ -359,3 +360,100 @@ def test_triton_empty_pair_mask_gives_zero():
     assert loss.item() == 0.0
     assert all(g.abs().max().item() == 0.0 for g in torch.autograd.grad(loss, inputs))
 
+
+def _triton_kernels():
+    pytest.importorskip("triton")
+    from vitfast.kernels import relation_mlp_loss as kernels
+    return kernels
+
+
+def test_triton_backward_scratch_is_bounded():
+    """The backward's fp32 buffers are O(B * N * H): d u plus at most MAX_SPLITS partials of d v (482 MB at
+    B = 64, N = 196, H = 384 when every i-tile had its own d v partial)."""
+    kernels = _triton_kernels()
+    batch, n, hidden = 64, 196, 384
+    shapes = kernels.backward_scratch(batch, n, hidden, torch.float16)
+    total = sum(math.prod(shape) for shape in shapes.values()) * 4
+    one = batch * n * hidden * 4  # bytes of one fp32 [B, N, H]
+    assert shapes["dv_part"][1] <= kernels.MAX_SPLITS
+    assert total <= (1 + kernels.MAX_SPLITS) * one + batch * kernels.MAX_SPLITS * 17 * hidden * 4
+    assert total < 482e6 / 4
+    # a big batch fills the GPU on its own: one partial, no more scratch than the gradients themselves
+    big = kernels.backward_scratch(kernels.TARGET_PROGRAMS, n, hidden, torch.float16)
+    assert big["dv_part"][1] == 1
+    # every program gets at least one i-tile
+    for batch in (1, 3, 64, 300):
+        for n in (1, 8, 9, 40, 196):
+            splits, per_split = kernels.backward_split(batch, n, torch.float32)
+            tiles = -(-n // kernels.BACKWARD_CONFIG[torch.float32]["BLOCK_I"])
+            assert (splits - 1) * per_split < tiles <= splits * per_split
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=lambda s: f"target{s}")
+def test_triton_backward_splits(splits, monkeypatch, assert_close):
+    """Programs that loop over several i-tiles (one split per batch element, or ragged splits: 3 i-tiles in 2)
+    give the reference gradients; the fp32 buffers the launcher allocates are exactly backward_scratch()."""
+    skip_unless_runs("triton")
+    kernels = _triton_kernels()
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", splits)  # batch 1: `splits` programs wanted
+    inputs, kwargs = make_inputs((1, 20, 5, 12, "shuffled", ("mask", "smooth")), torch.float32, seed=2)
+    inputs = [t.requires_grad_() for t in inputs]
+    loss = relation_mlp_loss(*inputs, backend="triton", **kwargs)
+    allocated = []
+    empty = torch.empty
+
+    def recording_empty(*args, **kw):
+        out = empty(*args, **kw)
+        allocated.append((tuple(out.shape), out.dtype))
+        return out
+
+    grad = torch.tensor(float(selected_pairs(inputs[0], kwargs)))
+    torch.empty = recording_empty
+    try:
+        grads = torch.autograd.grad(loss, inputs, grad)
+    finally:
+        torch.empty = empty
+    assert kernels.backward_split(1, 20, torch.float32) == [(1, 3), (2, 2)][splits - 1]  # 3 i-tiles
+    scratch = kernels.backward_scratch(1, 20, 12, torch.float32)
+    assert sorted(s for s, d in allocated if d == torch.float32) == sorted(scratch.values())
+    _, *want = reference_with_grads(inputs, kwargs, grad.double())
+    for name, got, expected in zip(("d_u", "d_v", "d_weight", "d_bias"), grads, want):
+        assert_close(got, expected, torch.float32, f"triton/{name}")
+
+
+@pytest.mark.parametrize("task", ["direction", "offset"])
+def test_triton_tf32_branch(task, request, assert_close):
+    """fp32 dots as TF32 (matmul precision "high"); exact fp32 under the interpreter, fp16-like on a GPU."""
+    skip_unless_runs("triton")
+    kernels = _triton_kernels()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(before))
+    assert kernels._scalars(torch.empty(1, 4, 8), None, None, 2, task, "gelu", 0.0)["INPUT_PRECISION"] == "tf32"
+    inputs, kwargs = make_inputs((1, 9, 3, 8, "shuffled", ("mask",)), torch.float32, task)
+    inputs = [t.requires_grad_() for t in inputs]
+    loss = relation_mlp_loss(*inputs, backend="triton", **kwargs)
+    grad = torch.tensor(float(selected_pairs(inputs[0], kwargs)))
+    grads = torch.autograd.grad(loss, inputs, grad)
+    want_loss, *want = reference_with_grads(inputs, kwargs, grad.double())
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    assert_close(loss.detach(), want_loss, dtype, "loss")
+    for got, expected in zip(grads, want):
+        assert_close(got, expected, dtype, "grad")
+
+
+def test_triton_aot_specs_cover_the_launch_tables():
+    kernels = _triton_kernels()
+    tables = {"_mlp_fwd_kernel": kernels.FORWARD_CONFIG, "_mlp_bwd_kernel": kernels.BACKWARD_CONFIG}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    seen = set()
+    for spec in kernels.AOT_SPECS:
+        dtype = dtypes[spec.variant.split("-")[0]]
+        cfg = tables[spec.name][dtype]
+        assert {key: spec.constexprs[key] for key in cfg if key.startswith("BLOCK_")} == \
+            {key: value for key, value in cfg.items() if key.startswith("BLOCK_")}, spec.variant
+        assert (spec.num_warps, spec.num_stages) == (cfg["num_warps"], cfg["num_stages"]), spec.variant
+        seen.add((spec.name, dtype, spec.constexprs["INPUT_PRECISION"]))
+    assert seen == {(name, dtype, precision) for name in tables
+                    for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float16, "tf32"), (torch.bfloat16, "tf32"))}
