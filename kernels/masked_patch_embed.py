@@ -27,13 +27,12 @@ Accumulation is fp32 everywhere. fp16/bf16 dots run on tensor cores; fp32 dots a
 ``torch.get_float32_matmul_precision() == "highest"``, TF32 otherwise; the one-hot dot of d_pos_embed
 is exact in every precision (IEEE for fp32).
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from . import AotSpec
+from ._common import TRITON_DTYPE, input_precision, launch_device, signature, split_config
 
 # ---------------------------------------------------------------------------------------------------
 # Launch parameters: candidate tiles per kernel and dtype class ("half" = fp16/bf16); pick_tiles() chooses
@@ -292,20 +291,9 @@ def _mpe_bwd_images_kernel(
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # fp32 at "high"/"medium"; ignored for fp16/bf16, which always use tensor cores
-
-
 def _geometry(images: torch.Tensor, keep_idx: torch.Tensor, patch_size: int) -> dict:
     _, C, H, W = images.shape
     return dict(K=keep_idx.shape[1], W=W, HW=H * W, CHW=C * H * W, S_w=W // patch_size)
-
-
-def _on_device(tensor: torch.Tensor):
-    """Launch under the tensor's GPU (not the current one); a no-op for CPU tensors (interpreter)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def masked_patch_embed_forward(images, weight, bias, pos_embed, keep_idx, pos_idx, patch_size: int) -> torch.Tensor:
@@ -319,13 +307,13 @@ def masked_patch_embed_forward(images, weight, bias, pos_embed, keep_idx, pos_id
     if M == 0 or D == 0:
         return out
     cfg, grid = forward_plan(M, D, E, images.dtype)
-    with _on_device(images):
+    with launch_device(images):
         _mpe_forward_kernel[grid](
             images, weight, bias if bias is not None else weight, pos_embed if pos_embed is not None else weight,
             keep_idx, pos_idx, out,
             M, D=D, E=E, **_geometry(images, keep_idx, patch_size),
             PATCH=patch_size, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
-            INPUT_PRECISION=_input_precision(images.dtype), **cfg,
+            INPUT_PRECISION=input_precision(images.dtype), **cfg,
         )
     return out
 
@@ -342,11 +330,11 @@ def masked_patch_embed_backward(grad_tokens, images, weight, keep_idx, pos_idx, 
     M = B * K
     dtype = images.dtype
     geometry = _geometry(images, keep_idx, patch_size)
-    precision = _input_precision(dtype)
+    precision = input_precision(dtype)
     grad_tokens = grad_tokens.contiguous()
     d_images = d_weight = d_bias = d_pos = None
 
-    with _on_device(images):
+    with launch_device(images):
         if want_images:
             # fp32 buffer so that duplicates in keep_idx accumulate in fp32 (and atomics exist for every dtype).
             buf = torch.zeros(images.shape, device=images.device, dtype=torch.float32)
@@ -403,26 +391,7 @@ def _param_grads(grad_tokens, images, keep_idx, pos_idx, weight, L, geometry, pa
 # ---------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (walked by vitfast.compile_check)
 # ---------------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _GEOMETRY_ARGS = ("M", "K", "D", "E", "W", "HW", "CHW", "S_w")
-
-
-def _signature(kernel, pointers: dict, ints=()) -> dict:
-    """Signature in argument order: pointers by name, the listed i32 scalars, everything else constexpr."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in pointers:
-            sig[name] = "*" + pointers[name]
-        elif name in ints:
-            sig[name] = "i32"
-        else:
-            sig[name] = "constexpr"
-    return sig
-
-
-def _launch(cfg: dict) -> tuple:
-    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-    return blocks, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def _aot_specs() -> list:
@@ -434,26 +403,26 @@ def _aot_specs() -> list:
     variants = [(torch.float32, "ieee", 16), (torch.float32, "tf32", 16), (torch.float16, "tf32", 4),
                 (torch.float16, "tf32", 16), (torch.bfloat16, "tf32", 16)]
     for dtype, precision, patch in variants:
-        ty = _TRITON_DTYPE[dtype]
+        ty = TRITON_DTYPE[dtype]
         half = precision == "tf32"  # tensor cores: fp16/bf16 always, fp32 only as TF32
         label = f"{ty}{'-tf32' if dtype == torch.float32 and half else ''} p={patch}"
         klass = _dtype_class(dtype)
         for cfg in FORWARD_TILES[klass]:
-            blocks, launch = _launch(cfg)
+            blocks, launch = split_config(cfg)
             fn = _mpe_forward_kernel
             specs.append(AotSpec(
-                fn, _signature(fn, dict(images_ptr=ty, weight_ptr=ty, bias_ptr=ty, pos_embed_ptr=ty,
+                fn, signature(fn, dict(images_ptr=ty, weight_ptr=ty, bias_ptr=ty, pos_embed_ptr=ty,
                                         keep_idx_ptr="i64", pos_idx_ptr="i64", out_ptr=ty), _GEOMETRY_ARGS),
                 dict(PATCH=patch, HAS_BIAS=True, HAS_POS=True, INPUT_PRECISION=precision, **blocks),
                 variant=f"{label} {_tile_label(blocks)}", tensor_cores=half, **launch,
                 aligned=("images_ptr", "weight_ptr", "bias_ptr", "pos_embed_ptr", "keep_idx_ptr", "pos_idx_ptr",
                          "out_ptr", "D", "E", "W", "HW", "CHW")))
         for cfg in BWD_PARAMS_TILES[klass]:
-            blocks, launch = _launch(cfg)
+            blocks, launch = split_config(cfg)
             fn = _mpe_bwd_params_kernel
             # The split path (fp32 partials): the one-split path differs only in the stores' dtype.
             specs.append(AotSpec(
-                fn, _signature(fn, dict(grad_ptr=ty, images_ptr=ty, keep_idx_ptr="i64", pos_idx_ptr="i64",
+                fn, signature(fn, dict(grad_ptr=ty, images_ptr=ty, keep_idx_ptr="i64", pos_idx_ptr="i64",
                                         dweight_ptr="fp32", dbias_ptr="fp32", dpos_ptr="fp32"),
                                _GEOMETRY_ARGS + ("L", "ROWS_PER_SPLIT", "SPLIT_STRIDE", "E_TILES", "COL_TILES")),
                 dict(PATCH=patch, HAS_DBIAS=True, HAS_DPOS=True, INPUT_PRECISION=precision, **blocks),
@@ -461,18 +430,18 @@ def _aot_specs() -> list:
                 aligned=("grad_ptr", "images_ptr", "keep_idx_ptr", "pos_idx_ptr", "dweight_ptr", "D", "E", "W",
                          "HW", "CHW", "ROWS_PER_SPLIT")))
         for cfg in BWD_IMAGES_TILES[klass]:
-            blocks, launch = _launch(cfg)
+            blocks, launch = split_config(cfg)
             fn = _mpe_bwd_images_kernel
             specs.append(AotSpec(
-                fn, _signature(fn, dict(grad_ptr=ty, weight_ptr=ty, keep_idx_ptr="i64", dimages_ptr="fp32"),
+                fn, signature(fn, dict(grad_ptr=ty, weight_ptr=ty, keep_idx_ptr="i64", dimages_ptr="fp32"),
                                _GEOMETRY_ARGS),
                 dict(PATCH=patch, INPUT_PRECISION=precision, **blocks),
                 variant=f"{label} {_tile_label(blocks)}", tensor_cores=half, **launch,
                 aligned=("grad_ptr", "weight_ptr", "keep_idx_ptr", "dimages_ptr", "D", "E", "W", "HW", "CHW")))
-    for ty in _TRITON_DTYPE.values():
+    for ty in TRITON_DTYPE.values():
         fn = _mpe_reduce_splits_kernel
         specs.append(AotSpec(
-            fn, _signature(fn, dict(ws_ptr="fp32", dweight_ptr=ty, dbias_ptr=ty, dpos_ptr=ty),
+            fn, signature(fn, dict(ws_ptr="fp32", dweight_ptr=ty, dbias_ptr=ty, dpos_ptr=ty),
                            ("SPLIT", "SPLIT_STRIDE", "DE", "DB")),
             dict(BLOCK=REDUCE_BLOCK), variant=ty, num_warps=4, num_stages=1,
             aligned=("ws_ptr", "dweight_ptr", "dbias_ptr", "dpos_ptr", "SPLIT_STRIDE", "DE")))

@@ -26,13 +26,12 @@ Launches per call (B256, 32 px, p4): forward 2 (kernel + finalize), backward 2 (
 Rows whose mask weight is 0 are masked out of every load: an unmasked patch costs no memory traffic in the
 forward and only its zero store in the backward. Accumulation is fp32 (fp64 for fp64 pred).
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from . import AotSpec
+from ._common import TRITON_DTYPE, launch_device, signature
 
 NORM_PIX_EPS = tl.constexpr(1e-6)  # MAE: (var + 1.e-6) ** .5
 
@@ -242,11 +241,6 @@ FINALIZE_BLOCK = 1024
 _MAX_ROWS = 2 ** 31 - 2 ** 16  # row indices are int32 in the kernels (offsets that scale with them are int64)
 
 
-def _on_device(tensor: torch.Tensor):
-    """Launch under the tensor's GPU (not the current one); a no-op for CPU tensors (interpreter)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -274,7 +268,7 @@ def masked_pixel_loss_forward(pred, images, mask, patch_size: int, norm_pix: boo
     cfg = launch_config(E, pred.dtype)
     grid = forward_grid(M, cfg)
     partial = torch.empty((2, grid[0]), device=pred.device, dtype=mask.dtype)  # every program writes its pair
-    with _on_device(pred):
+    with launch_device(pred):
         if M > 0:
             _mpl_forward_kernel[grid](
                 pred, images, mask, partial, stats if norm_pix else partial, M, E=E, stride_pred_b=pred.stride(0),
@@ -296,7 +290,7 @@ def masked_pixel_loss_backward(grad_loss, pred, images, mask, stats, patch_size:
         return d_pred
     cfg = launch_config(E, pred.dtype)
     grid = forward_grid(M, cfg)
-    with _on_device(pred):
+    with launch_device(pred):
         _mpl_backward_kernel[grid](
             pred, images, mask, stats if norm_pix else mask, grad_loss, mask.sum(), d_pred, M, E=E,
             stride_pred_b=pred.stride(0), **_geometry(images, patch_size),
@@ -308,14 +302,8 @@ def masked_pixel_loss_backward(grad_loss, pred, images, mask, stats, patch_size:
 # ---------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (walked by vitfast.compile_check)
 # ---------------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+_TRITON_DTYPE = {**TRITON_DTYPE, torch.float64: "fp64"}  # this op's Triton backend also takes float64
 _INTS = ("M", "N", "E", "W", "HW", "CHW", "S_w", "stride_pred_b", "NUM_PROGRAMS", "NUM_PARTIALS")
-
-
-def _signature(kernel, pointers: dict) -> dict:
-    """Signature in argument order: pointers by name, the geometry scalars i32, everything else constexpr."""
-    return {name: ("*" + pointers[name] if name in pointers else "i32" if name in _INTS else "constexpr")
-            for name in kernel.arg_names}
 
 
 def _aot_specs() -> list:
@@ -337,19 +325,19 @@ def _aot_specs() -> list:
         aligned = ("pred_ptr", "images_ptr", "mask_ptr", "stats_ptr", "E", "W", "HW", "CHW", "stride_pred_b")
         fn = _mpl_forward_kernel
         specs.append(AotSpec(
-            fn, _signature(fn, dict(pred_ptr=pt, images_ptr=it, mask_ptr=acc, partial_ptr=acc, stats_ptr=acc)),
+            fn, signature(fn, dict(pred_ptr=pt, images_ptr=it, mask_ptr=acc, partial_ptr=acc, stats_ptr=acc), _INTS),
             dict(common, SINGLE_TILE=channels * patch * patch <= cfg["BLOCK_E"]),
             variant=label, aligned=aligned + ("partial_ptr",), **launch))
         fn = _mpl_backward_kernel
         loss_ty = _TRITON_DTYPE[torch.promote_types(pred_dtype, images_dtype)]
         specs.append(AotSpec(
-            fn, _signature(fn, dict(pred_ptr=pt, images_ptr=it, mask_ptr=acc, stats_ptr=acc, grad_ptr=loss_ty,
-                                    mask_sum_ptr=acc, dpred_ptr=pt)),
+            fn, signature(fn, dict(pred_ptr=pt, images_ptr=it, mask_ptr=acc, stats_ptr=acc, grad_ptr=loss_ty,
+                                   mask_sum_ptr=acc, dpred_ptr=pt), _INTS),
             common, variant=label, aligned=aligned + ("grad_ptr", "mask_sum_ptr", "dpred_ptr"), **launch))
     for acc, loss_types in (("fp32", ("fp32", "fp16", "bf16")), ("fp64", ("fp64",))):
         for loss_ty in loss_types:
             fn = _mpl_finalize_kernel
-            specs.append(AotSpec(fn, _signature(fn, dict(partial_ptr=acc, loss_ptr=loss_ty)),
+            specs.append(AotSpec(fn, signature(fn, dict(partial_ptr=acc, loss_ptr=loss_ty), _INTS),
                                  dict(BLOCK=FINALIZE_BLOCK), variant=f"{acc}->{loss_ty}", num_warps=4, num_stages=1,
                                  aligned=("partial_ptr", "loss_ptr")))
     return specs

@@ -240,6 +240,6 @@ def test_launches_under_the_inputs_device():
     from vitfast.kernels import masked_pixel_loss as mpl
     on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
     for module in (mpe, mpl):
-        guard = module._on_device(on_gpu1)
+        guard = module.launch_device(on_gpu1)
         assert isinstance(guard, torch.cuda.device) and guard.idx == 1, module.__name__
-        assert not isinstance(module._on_device(torch.zeros(1)), torch.cuda.device)
+        assert not isinstance(module.launch_device(torch.zeros(1)), torch.cuda.device)
