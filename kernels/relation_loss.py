@@ -48,12 +48,12 @@ _LOG2E = 1.4426950408889634
 # AOT_SPECS both read them; every entry compiles with 0 spills on sm_80 and sm_90a (python -m vitfast.compile_check).
 # 32 x 32 pair tiles: the forward keeps 6 live pair tiles (max, sum, smoothed-target score, argmax, target, scores)
 # in registers; 32 x 64 tiles spilled in fp32. fp32 (FMA or TF32 dots) needs more registers per pair: 16 x 32 tiles
-# on 8 warps, without pipelining the d loop (one or two iterations; 32 x 32 tiles or 2 stages spilled up to 48 B
-# once the forward stored lse and target). The backward keeps a [BLOCK_OWN, BLOCK_D] fp32 accumulator: 128-wide
-# heads need 8 warps in 16 bits too (44 B spilled on sm_80); num_stages > 1 spilled.
+# on 8 warps (32 x 32 spilled up to 48 B once the forward stored lse and target). The d loop has one iteration up to
+# d_h = 128: no pipelining (2 stages cost 12-46 registers, or spilled). The backward keeps a [BLOCK_OWN, BLOCK_D] fp32
+# accumulator: 128-wide heads need 8 warps in 16 bits too (44 B spilled on sm_80); num_stages > 1 spilled.
 # Programs: B * ceil(N / 32) (N = 64, B = 64: 128, one wave on an H100; twice that in the fp32 forward).
 BLOCK_D_CANDIDATES = (64, 128)
-_FWD16 = dict(BLOCK_I=32, BLOCK_J=32, num_warps=4, num_stages=2)
+_FWD16 = dict(BLOCK_I=32, BLOCK_J=32, num_warps=4, num_stages=1)
 _FWD32 = dict(_FWD16, BLOCK_I=16, num_warps=8, num_stages=1)
 FORWARD_CONFIG = {bd: {torch.float32: dict(_FWD32, BLOCK_D=bd), torch.float16: dict(_FWD16, BLOCK_D=bd),
                        torch.bfloat16: dict(_FWD16, BLOCK_D=bd)} for bd in BLOCK_D_CANDIDATES}
