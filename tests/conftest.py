@@ -79,7 +79,9 @@ def interpreter_bf16_dot():
     """(patched, probe): whether the bf16-dot patch is applied, and the probe (True while a bf16 dot is wrong)."""
     return INTERPRETER_BF16_DOT_PATCHED, interpreter_bf16_dot_is_wrong
 
-# Absolute and relative tolerance per dtype of the computation, against a float64 reference.
+# Absolute and relative tolerance per dtype of the computation, against a float64 reference, for the tests outside
+# tests/ops (model, evaluation). The op tests use the measured table of tests/ops/conftest.py, whose assert_close
+# overrides this one there (and whose backend_device serves them).
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-4, 1e-4),
@@ -104,14 +106,3 @@ def assert_close():
 
     return check
 
-
-@pytest.fixture
-def backend_device():
-    """backend_device(backend): tensors for a backend live on CUDA when there is a GPU; else on the CPU (Triton via interpreter)."""
-
-    def device(backend):
-        if backend in ("triton", "cuda") and torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-
-    return device
