@@ -71,13 +71,11 @@ void gemm(bool use_blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
 }
 
 // Whether gemm() may call the BLAS for this dtype (float / double); VITFAST_CPU_GEMM=aten forces at::addmm_out
-// (the path of builds without the Fortran symbols, and how the tests reach it).
+// (the path of builds without the Fortran symbols, and how the tests reach it). Read on every call (once per op call,
+// outside the parallel regions), so that a test can switch it within one process.
 inline bool blas_available(at::ScalarType dtype) {
-  static const bool forced_aten = [] {
-    const char* env = std::getenv("VITFAST_CPU_GEMM");
-    return env != nullptr && std::strcmp(env, "aten") == 0;
-  }();
-  if (forced_aten) return false;
+  const char* env = std::getenv("VITFAST_CPU_GEMM");
+  if (env != nullptr && std::strcmp(env, "aten") == 0) return false;
   return dtype == at::kFloat ? sgemm_ != nullptr : dgemm_ != nullptr;
 }
 
