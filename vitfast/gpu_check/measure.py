@@ -101,13 +101,16 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     from torch.profiler import _memory_profiler  # what export_memory_timeline reads; gives every allocation
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
-    # Live bytes allocated inside the step (blocks from before it are invisible, their frees too): the same
-    # quantity as the GPU branch, max allocated minus what was allocated before.
+    # Live bytes of the blocks allocated inside the step. Frees of blocks from before it (the previous step's
+    # gradients) are left out: the profiler sees some and not others. So the floor step counts its gradients,
+    # and peak above floor is what the step adds beyond its inputs and gradients, as on the GPU.
     live = peak = 0
-    for _, action, _, size in _memory_profiler.MemoryProfile(prof.profiler.kineto_results).timeline:
+    created = set()
+    for _, action, key, size in _memory_profiler.MemoryProfile(prof.profiler.kineto_results).timeline:
         if action == _memory_profiler.Action.CREATE:
+            created.add(key)
             live += size
-        elif action == _memory_profiler.Action.DESTROY:
+        elif action == _memory_profiler.Action.DESTROY and key in created:
             live -= size
         peak = max(peak, live)
     return peak
