@@ -64,7 +64,52 @@ def patch_interpreter_bf16_dot() -> bool:
     return True
 
 
-INTERPRETER_BF16_DOT_PATCHED = False
+# ---- fp32 -> bf16 casts under the Triton interpreter ----
+# The interpreter's cast from fp32 to bf16 (tl.store into a bf16 tensor, .to(tl.bfloat16)) drops the low 16 bits
+# (truncation, an error up to 1 bf16 ulp = 0.8 %), where a GPU rounds to nearest even (half an ulp). That doubles
+# the measured bf16 error of every Triton kernel and widens its tolerance band. Same remedy as the dot: a probe,
+# and while it finds truncation, the cast rounds through torch (round-to-nearest-even, as the hardware).
+
+def interpreter_bf16_cast_truncates() -> bool:
+    """Store fp32 values just above the midpoint between two bf16 numbers into a bf16 tensor under the interpreter."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _to_bf16(x_ptr, out_ptr):
+        offs = tl.arange(0, 16)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs))
+
+    x = 1.0 + (torch.arange(16) + 1) * 2.0 ** -9 + 2.0 ** -12  # mostly above a rounding midpoint
+    out = torch.empty(16, dtype=torch.bfloat16)
+    _to_bf16[(1,)](x.float(), out)
+    return not torch.equal(out, x.float().to(torch.bfloat16))
+
+
+def patch_interpreter_bf16_cast() -> bool:
+    """Round fp32 -> bf16 casts to nearest even when the probe finds truncation; returns whether applied."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.cast_impl, "rounds_bf16", False) or not interpreter_bf16_cast_truncates():
+        return getattr(builder.cast_impl, "rounds_bf16", False)
+    original = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interpreter.TensorHandle(bits, tl.bfloat16)
+        return original(self, src, dst_type)
+
+    cast_impl.rounds_bf16, cast_impl.original = True, original
+    builder.cast_impl = cast_impl  # create_fp_trunc and the other casts call self.cast_impl
+    return True
+
+
+INTERPRETER_BF16_DOT_PATCHED = INTERPRETER_BF16_CAST_PATCHED = False
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     try:
         import triton  # noqa: F401
@@ -72,6 +117,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pass
     else:
         INTERPRETER_BF16_DOT_PATCHED = patch_interpreter_bf16_dot()
+        INTERPRETER_BF16_CAST_PATCHED = patch_interpreter_bf16_cast()
+
+
+@pytest.fixture
+def interpreter_bf16_cast():
+    """(patched, probe): whether the fp32 -> bf16 rounding patch is applied, and the probe (True while casts truncate)."""
+    return INTERPRETER_BF16_CAST_PATCHED, interpreter_bf16_cast_truncates
 
 
 @pytest.fixture

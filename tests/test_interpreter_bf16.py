@@ -1,4 +1,5 @@
-"""The bf16 tl.dot fix of the Triton interpreter (tests/conftest.py): bf16 dots equal the fp32 result.
+"""The bf16 fixes of the Triton interpreter (tests/conftest.py): bf16 dots equal the fp32 result, and fp32 -> bf16
+casts round to nearest even.
 
 Costs well under a second: three tiny kernels, one program each.
 """
@@ -48,3 +49,33 @@ def test_probe_detects_the_bug_it_fixes(interpreter_bf16_dot, monkeypatch):
     builder = interpreter.InterpreterBuilder
     monkeypatch.setattr(builder, "create_dot", builder.create_dot.original)
     assert probe()  # the unpatched interpreter gets the bf16 dot wrong: the probe can fail
+
+
+@triton.jit
+def _store_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs))  # fp32 values stored into a bf16 tensor: a cast
+
+
+def test_interpreter_fp32_to_bf16_cast_rounds_to_nearest_even():
+    """A GPU rounds fp32 -> bf16 to nearest even; the interpreter (patched) must too, ties included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(224, generator=gen)
+    ulp = 2.0 ** -8  # bf16's spacing on [1, 2)
+    ties = 1.0 + torch.arange(16) * ulp + ulp / 2  # exact midpoints: round to the even neighbour
+    x = torch.cat([x, ties, -ties])
+    out = torch.empty(x.numel(), dtype=torch.bfloat16)
+    _store_kernel[(1,)](x, out, N=x.numel())
+    assert torch.equal(out, x.to(torch.bfloat16))
+
+
+def test_cast_probe_detects_the_truncation_it_fixes(interpreter_bf16_cast, monkeypatch):
+    patched, probe = interpreter_bf16_cast
+    assert not probe()
+    if not patched:
+        return  # Triton's own cast rounds: the patch switched itself off
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "cast_impl", builder.cast_impl.original)
+    assert probe()  # the unpatched interpreter truncates: the probe can fail

@@ -35,13 +35,13 @@ MEASURE_ENV = "VITFAST_MEASURE_ERRORS"
 
 # (op, backend, dtype, kind): (band, measured) = (proposed_band(measured), the largest normwise error over tests/ops,
 # rounded up to two digits). Measured with python tests/ops/measure_errors.py on an AMD EPYC CPU (2 cores), Triton
-# under its interpreter (bf16 dots mended by tests/conftest.py; its fp32 -> bf16 casts truncate, so the triton bf16
-# rows are about twice what a GPU gives). The cuda rows cannot be measured there: they carry the cpu row's numbers
+# under its interpreter (bf16 dots and fp32 -> bf16 rounding mended by tests/conftest.py, as a GPU computes them;
+# triton bf16 rows re-measured after the rounding fix). The cuda rows cannot be measured there: they carry the cpu row's numbers
 # (UNMEASURED below) until the script runs on a GPU.
 TOLERANCES = {
     ("masked_patch_embed", "triton", F32, "tensor"): (8.4e-07, 2.1e-07),
     ("masked_patch_embed", "triton", F16, "tensor"): (0.0022, 0.00054),
-    ("masked_patch_embed", "triton", BF16, "tensor"): (0.016, 0.0077),
+    ("masked_patch_embed", "triton", BF16, "tensor"): (0.011, 0.0052),
     ("masked_patch_embed", "cuda", F32, "tensor"): (1.6e-06, 4e-07),
     ("masked_patch_embed", "cuda", F16, "tensor"): (0.002, 0.00044),
     ("masked_patch_embed", "cuda", BF16, "tensor"): (0.0079, 0.0037),
@@ -55,8 +55,8 @@ TOLERANCES = {
     ("masked_pixel_loss", "triton", F32, "tensor"): (7.6e-07, 1.9e-07),
     ("masked_pixel_loss", "triton", F16, "scalar"): (0.002, 0.00027),
     ("masked_pixel_loss", "triton", F16, "tensor"): (0.0028, 0.00068),
-    ("masked_pixel_loss", "triton", BF16, "scalar"): (0.013, 0.0065),
-    ("masked_pixel_loss", "triton", BF16, "tensor"): (0.015, 0.0071),
+    ("masked_pixel_loss", "triton", BF16, "scalar"): (0.0079, 0.003),
+    ("masked_pixel_loss", "triton", BF16, "tensor"): (0.0098, 0.0049),
     ("masked_pixel_loss", "cuda", F64, "scalar"): (4.5e-16, 0),
     ("masked_pixel_loss", "cuda", F64, "tensor"): (1.7e-15, 4.1e-16),
     ("masked_pixel_loss", "cuda", F32, "scalar"): (9.2e-07, 2.3e-07),
@@ -85,7 +85,7 @@ TOLERANCES = {
     ("relation_loss", "triton", F16, "scalar"): (0.002, 3.8e-08),
     ("relation_loss", "triton", F16, "tensor"): (0.002, 0.00038),
     ("relation_loss", "triton", BF16, "scalar"): (0.0079, 6.8e-08),
-    ("relation_loss", "triton", BF16, "tensor"): (0.018, 0.0087),
+    ("relation_loss", "triton", BF16, "tensor"): (0.0079, 0.0035),
     ("relation_loss", "cpu", F64, "scalar"): (1.8e-15, 4.5e-16),
     ("relation_loss", "cpu", F64, "tensor"): (2.2e-15, 5.4e-16),
     ("relation_loss", "cpu", F32, "scalar"): (2.4e-07, 3.9e-08),
@@ -102,8 +102,8 @@ TOLERANCES = {
     ("relation_mlp_loss", "triton", F32, "tensor"): (7.2e-07, 1.8e-07),
     ("relation_mlp_loss", "triton", F16, "scalar"): (0.002, 0.00011),
     ("relation_mlp_loss", "triton", F16, "tensor"): (0.0023, 0.00057),
-    ("relation_mlp_loss", "triton", BF16, "scalar"): (0.0088, 0.0044),
-    ("relation_mlp_loss", "triton", BF16, "tensor"): (0.022, 0.011),
+    ("relation_mlp_loss", "triton", BF16, "scalar"): (0.0079, 0.00075),
+    ("relation_mlp_loss", "triton", BF16, "tensor"): (0.0092, 0.0046),
     ("relation_mlp_loss", "cpu", F64, "scalar"): (7.2e-16, 1.8e-16),
     ("relation_mlp_loss", "cpu", F64, "tensor"): (5.6e-15, 1.4e-15),
     ("relation_mlp_loss", "cpu", F32, "scalar"): (4.8e-07, 1.2e-07),

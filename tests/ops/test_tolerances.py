@@ -55,16 +55,11 @@ def fused_like(pred, images, mask, patch, grad, correction):
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_band_catches_a_biased_variance(backend, dtype, request):
+def test_band_catches_a_biased_variance(backend, dtype):
     """Fault injection at E = p*p*C = 48: the biased variance (/ E, off by a factor (E - 1) / E) must fall outside
     bands of (masked_pixel_loss, backend, dtype) in the loss (its "scalar" band) or d_pred ("tensor"), while the same
     computation with MAE's unbiased variance (/ (E - 1)) stays inside. Fails when a band is too wide (or the control
     too tight)."""
-    if backend == "triton" and dtype == BF16 and not torch.cuda.is_available():
-        # Measured under the interpreter, whose fp32 -> bf16 casts truncate instead of rounding to nearest (an error
-        # up to 0.8 %, twice a GPU's): the triton bf16 rows are twice as wide as the kernels need. Strict: once the
-        # interpreter rounds (or the rows are measured on a GPU), this passes and the mark must go.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="interpreter truncates fp32 -> bf16 casts"))
     gen = torch.Generator().manual_seed(0)
     patch, batch, num_patches = 4, 3, 15
     images = (3 + 2 * torch.randn(batch, 3, 12, 20, generator=gen)).to(dtype)
