@@ -82,7 +82,7 @@ def run(args) -> dict:
     cases.CASES.update(selected)  # the sections iterate over CASES
     gpu = device.type == "cuda"
     big = gpu and not args.smoke  # benchmark shapes, limits at full size
-    skipped, skip = [], {}
+    skipped = []
     if args.smoke:
         skipped += ["benchmark shapes (--smoke: ragged shapes only); torch.compile runs with backend='eager'",
                     "repeatability: 2 passes instead of 10; timing: one shape per op, one round",
@@ -91,12 +91,11 @@ def run(args) -> dict:
         skipped += ["cuda backend (needs a GPU)", "tf32 (the interpreter computes fp32 dots in IEEE fp32 either way)",
                     "triton timings (the interpreter's time means nothing)",
                     "peak memory on the GPU (CPU rows use the profiler's timeline)"]
-        from ._probe import interpreter_bf16_dot_ok
-        if not interpreter_bf16_dot_ok():
-            reason = "the Triton interpreter's tl.dot is wrong for bf16 (Triton #11584)"
-            skip = {("triton", "bf16", op): reason for op in ("masked_patch_embed", "relation_loss",
-                                                              "relation_mlp_loss")}
-            skipped.append(f"triton x bf16 for the ops with tl.dot: {reason}")
+        from .. import triton_interpreter  # bf16 under the interpreter as a GPU computes it (dot, casts)
+        mended = [name for name, applied in triton_interpreter.mend().items() if applied]
+        if mended:
+            skipped.append(f"nothing for bf16: the interpreter's {' and '.join(mended)} mended "
+                           "(vitfast.triton_interpreter)")
     shapes_of = (lambda c: list(c.shapes)) if big else (lambda c: [s for s in c.shapes if s.startswith("ragged")])
     bench_shapes = (lambda c: [s for s in c.shapes if s.startswith("bench")]) if big else shapes_of
     report = {"command": "python -m vitfast.gpu_check " + " ".join(args.argv), "smoke": args.smoke,
@@ -112,7 +111,7 @@ def run(args) -> dict:
         report["triton"] = None
     begin = time.time()
     sections = {
-        "accuracy": lambda: checks.accuracy(device, shapes_of, [d for d in cases.DTYPES if gpu or d != "tf32"], skip),
+        "accuracy": lambda: checks.accuracy(device, shapes_of, [d for d in cases.DTYPES if gpu or d != "tf32"]),
         "repeatability": lambda: checks.repeatability(device, bench_shapes, ["fp32", "bf16"] if gpu else ["fp32"],
                                                       runs=10 if big else 2),
         "limits": lambda: limits.limits(device, full=big),
