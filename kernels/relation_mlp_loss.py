@@ -185,7 +185,6 @@ def _mlp_bwd_kernel(
     pid = tl.program_id(0)
     b = pid // splits
     part = pid.to(tl.int64)  # index of this program's partials: (b, split)
-    M: tl.constexpr = BLOCK_I * BLOCK_J
     first_tile = (pid % splits) * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(N, BLOCK_I))
     offs_c = tl.arange(0, BLOCK_C)

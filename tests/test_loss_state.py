@@ -1,6 +1,5 @@
 """vitfast.nn.loss_state: DINO's momentum centre and the FIFO feature queue, on one process and on two (gloo)."""
 import collections
-import os
 
 import pytest
 import torch

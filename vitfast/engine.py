@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
