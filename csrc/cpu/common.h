@@ -82,13 +82,16 @@ inline bool blas_available(at::ScalarType dtype) {
 // exp(r) for |r| <= ln(2) / 2 by its Taylor polynomial of degree kDegree (Horner form), the core of the branch-free
 // float exponentials that vectorise (std::exp does not without -ffast-math). Relative error before rounding:
 // < 2e-7 at degree 6, < 1e-8 at degree 7.
+// The coefficients are the rounded 1 / k! themselves: a division in the loop (1.0f / k!) is not always folded inside
+// the target_clones copies and made the relation_loss CPU forward 20 % slower.
 template <int kDegree>
 inline __attribute__((always_inline)) float exp_taylor(float r) {
-  constexpr float kFactorial[] = {1.0f, 1.0f, 2.0f, 6.0f, 24.0f, 120.0f, 720.0f, 5040.0f};
+  constexpr float kInverseFactorial[] = {1.0f,         1.0f,         1.0f / 2.0f,   1.0f / 6.0f,
+                                         1.0f / 24.0f, 1.0f / 120.0f, 1.0f / 720.0f, 1.0f / 5040.0f};
   static_assert(kDegree >= 1 && kDegree <= 7);
-  float p = 1.0f / kFactorial[kDegree];
+  float p = kInverseFactorial[kDegree];
 #pragma GCC unroll 8
-  for (int k = kDegree - 1; k >= 0; --k) p = p * r + 1.0f / kFactorial[k];
+  for (int k = kDegree - 1; k >= 0; --k) p = p * r + kInverseFactorial[k];
   return p;
 }
 

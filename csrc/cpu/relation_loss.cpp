@@ -94,7 +94,7 @@ struct Tile {
 };
 
 template <typename T>
-inline void row_targets(const Tile<T>& t, int64_t i) {
+inline __attribute__((always_inline)) void row_targets(const Tile<T>& t, int64_t i) {
   int32_t* __restrict target = t.target;
   if (t.targets != nullptr) {
     const int64_t* src = t.targets + i * t.n;
@@ -110,7 +110,7 @@ inline void row_targets(const Tile<T>& t, int64_t i) {
 
 // Returns false when no pair of the row is selected (the row can be skipped).
 template <typename T>
-inline bool row_weights(const Tile<T>& t, int64_t i) {
+inline __attribute__((always_inline)) bool row_weights(const Tile<T>& t, int64_t i) {
   T* __restrict weight = t.weight;
   if (t.mask == nullptr) {
     for (int64_t j = 0; j < t.n; ++j) weight[j] = T(1);
@@ -127,7 +127,7 @@ inline bool row_weights(const Tile<T>& t, int64_t i) {
 }
 
 template <typename T>
-inline void row_max(const Tile<T>& t, const T* s0) {
+inline __attribute__((always_inline)) void row_max(const Tile<T>& t, const T* s0) {
   T* __restrict mx = t.max;
   int32_t* __restrict arg = t.argmax;
   for (int64_t j = 0; j < t.n; ++j) mx[j] = s0[j], arg[j] = 0;
