@@ -13,7 +13,7 @@ momentum 0.9 (PyTorch semantics, no dampening, no Nesterov), cosine decay of the
 zero, weight decay on the weight only (not the bias), cross-entropy without label smoothing. The lr
 is absolute (not scaled with the batch size). With ``lr=None`` every lr of ``LR_GRID`` is trained:
 BN-standardised features put the good SGD lr for softmax regression within about two decades, and
-one grid of 4 is cheaper than being wrong. All grid lrs share one BatchNorm and one shuffle order and
+one grid of 5 is cheaper than being wrong. All grid lrs share one BatchNorm and one shuffle order and
 train as one stacked [G, C, D] weight, so each head is the probe that lr alone would give (up to
 float rounding of the batched matmul).
 
