@@ -58,14 +58,54 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _check_equal_rows(x: torch.Tensor, what: str) -> None:
+    """all_gather needs the same row count on every rank: say so instead of hanging or failing inside the backend."""
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    counts = [torch.empty_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    found = [int(c) for c in counts]
+    if len(set(found)) > 1:
+        raise ValueError(f"{what}: every rank must hold the same number of rows, got {found} (rank order)")
+
+
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` [B, ...] of every rank concatenated in rank order [world·B, ...] (equal B everywhere; no gradient:
-    a loss that needs one uses the gather of its op)."""
+    a loss that needs one uses :func:`gather_rows_with_grad`)."""
     if world_size() == 1:
         return x
+    _check_equal_rows(x, "gather_rows")
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+class _GatherRowsWithGrad(torch.autograd.Function):
+    """All-gather whose backward is right: every rank's loss may use every rank's rows, so the gradient of this
+    rank's rows is the sum over ranks of the gradients of the gathered tensor (all-reduce), sliced to this rank."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rows = x.shape[0]
+        return gather_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # sum: DDP then averages the parameter gradients over ranks, as for any loss
+        start = rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def gather_rows_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``gather_rows`` with a gradient: [B, ...] -> [world·B, ...] in rank order; the identity on one process."""
+    if world_size() == 1:
+        return x
+    return _GatherRowsWithGrad.apply(x)
 
 
 def barrier(info: DistInfo) -> None:

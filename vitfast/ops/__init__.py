@@ -3,6 +3,7 @@
 ``available_backends(op=None)`` lists the backends usable on this install.
 """
 from ._backend import ENV_VAR, available_backends
+from .contrastive_loss import contrastive_loss, contrastive_loss_reference
 from .masked_patch_embed import masked_patch_embed, masked_patch_embed_reference
 from .masked_pixel_loss import MaskedPixelLoss, masked_pixel_loss, masked_pixel_loss_reference
 from .masking import corrupt_positions, random_masking
@@ -11,6 +12,7 @@ from .relation_mlp_loss import relation_mlp_loss, relation_mlp_loss_reference, r
 
 __all__ = [
     "ENV_VAR", "available_backends",
+    "contrastive_loss", "contrastive_loss_reference",
     "masked_patch_embed", "masked_patch_embed_reference",
     "masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss",
     "relation_loss", "relation_loss_reference", "relation_logits", "relation_targets",
