@@ -33,7 +33,8 @@ from vitfast.gpu_check import checks  # noqa: E402
 from vitfast.gpu_check.cases import CASES  # noqa: E402
 
 # Rounds per op on the CPU (one step there takes 3 ms to 1 s); on a GPU every op gets GPU_ROUNDS.
-CPU_ROUNDS = {"masked_patch_embed": 30, "masked_pixel_loss": 50, "relation_loss": 8, "relation_mlp_loss": 5}
+CPU_ROUNDS = {"masked_patch_embed": 30, "masked_pixel_loss": 50, "relation_loss": 8, "relation_mlp_loss": 5,
+              "contrastive_loss": 3}
 GPU_ROUNDS = 50
 COLUMNS = ["op", "shape", "dtype", "implementation", "device", "min_ms", "median_ms", "rounds", "median_vs_fused",
            "peak_above_floor_mib", "floor_mib", "peak_mib", "images_per_s", "gflops_at_median", "machine",

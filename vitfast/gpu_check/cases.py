@@ -220,4 +220,46 @@ RELATION_MLP_LOSS = OpCase(
     loss_scale=lambda x: _scale_pow2(_pair_count(x, x["u"].shape[0], x["u"].shape[1])),
 )
 
-CASES = {case.name: case for case in (MASKED_PATCH_EMBED, MASKED_PIXEL_LOSS, RELATION_LOSS, RELATION_MLP_LOSS)}
+
+
+# ---- contrastive_loss ----
+
+def _cl_make(p, gen):
+    """q, k [B, D]; labels for positives="labels": classes of about 3 rows with one row alone in its class. With
+    one_view the call passes cat([q, k]) [2B, D] as one view (labels [2B]): the lone row is an anchor without
+    positives."""
+    batch, dim = p["B"], p["D"]
+    x = dict(q=torch.randn(batch, dim, generator=gen), k=torch.randn(batch, dim, generator=gen), labels=None,
+             positives=p["positives"], temperature=p["temperature"], scale=p.get("scale", 1.0),
+             one_view=p.get("one_view", False))
+    if p["positives"] == "labels":
+        rows = 2 * batch if x["one_view"] else batch
+        x["labels"] = torch.randint(1, max(2, rows // 3), (rows,), generator=gen)
+        x["labels"][0] = 0
+    return x
+
+
+def _cl_call(fn, x, **kw):
+    q, k = (torch.cat([x["q"], x["k"]]), None) if x["one_view"] else (x["q"], x["k"])
+    return fn(q, k, temperature=x["temperature"], positives=x["positives"], labels=x["labels"], scale=x["scale"], **kw)
+
+
+CONTRASTIVE_LOSS = OpCase(
+    name="contrastive_loss",
+    shapes={"bench 2x2048 D128 ntxent": dict(B=2048, D=128, positives="ntxent", temperature=0.5),
+            "bench 2x8192 D256 ntxent": dict(B=8192, D=256, positives="ntxent", temperature=0.5),
+            "ragged B13 D40 diagonal": dict(B=13, D=40, positives="diagonal", temperature=0.2, scale=0.4),
+            "ragged B11 D24 ntxent": dict(B=11, D=24, positives="ntxent", temperature=0.1),
+            "ragged B14 D33 labels one view": dict(B=14, D=33, positives="labels", temperature=0.1, scale=0.7,
+                                                   one_view=True)},
+    grads=("q", "k"),
+    bench_grads=("q", "k"),
+    floating=("q", "k"),
+    make=_cl_make,
+    fused=lambda x, backend: _cl_call(ops.contrastive_loss, x, backend=backend),
+    reference=lambda x: _cl_call(ops.contrastive_loss_reference, x),
+    loss_scale=lambda x: _scale_pow2(x["q"].shape[0]),
+)
+
+CASES = {case.name: case for case in (MASKED_PATCH_EMBED, MASKED_PIXEL_LOSS, RELATION_LOSS, RELATION_MLP_LOSS,
+                                      CONTRASTIVE_LOSS)}
