@@ -10,6 +10,8 @@ from .registry import METHODS, get_method, register_method
 register_method("vitfast.methods.supervised:Supervised")
 register_method("vitfast.methods.mae:MAE")
 register_method("vitfast.methods.relvit:RelViT")
+register_method("vitfast.methods.simclr:SimCLR")
+register_method("vitfast.methods.mocov3:MoCoV3")
 register_method("vitfast.methods.lacvit:LaCViT")
 
 # Existing imports such as `from vitfast.methods import MAE` keep working; a new method needs no line here.

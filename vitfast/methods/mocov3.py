@@ -1,0 +1,106 @@
+"""MoCo v3 (Chen, Xie, He 2021; docs/methods.md §7.2 and §3.2): a momentum teacher and symmetric InfoNCE.
+
+    q¹ = pred(proj(f(x¹))), q² = pred(proj(f(x²)))         student: encoder f (through encode_view), projector, predictor
+    k¹ = proj_t(f_t(x¹)),   k² = proj_t(f_t(x²))             teacher: EMA of f and proj, no gradient
+    loss = 2τ·InfoNCE(q¹, k²) + 2τ·InfoNCE(q², k¹),  τ = 0.2, keys gathered over ranks
+
+The teacher's momentum follows a cosine schedule from ``momentum`` (0.99) to 1 over the run, one EMA update after
+each optimizer step (``after_step``): the official code updates right before computing the keys of the next step,
+with the same weights and the same m(step), so the two orders give the same numbers. The teacher encodes the clean
+views itself (never through ``encode_view``), so DILEMMA's student-only input changes leave it untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..config import setting
+from ..nn.heads import prediction_head, projection_head
+from ..nn.momentum import MomentumTeacher, cosine_momentum
+from .base import DataInfo
+from .simclr import TwoViewMethod
+
+__all__ = ["MoCoV3", "MoCoV3Config"]
+
+
+@dataclass
+class MoCoV3Config:
+    temperature: float = setting(0.2, "softmax temperature of the InfoNCE loss (the loss is multiplied by 2·tau)")
+    momentum: float = setting(0.99, "teacher EMA momentum at the start; it rises to 1 on a cosine schedule")
+    proj_hidden_dim: int = setting(4096, "hidden width of the 3-layer projector")
+    proj_dim: int = setting(256, "output width of the projector (and the predictor)")
+    pred_hidden_dim: int = setting(4096, "hidden width of the 2-layer predictor")
+    random_patch_projection: bool = setting(False, "freeze the randomly initialised patch embedding (MoCo v3 §4.2)")
+    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops")
+    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8")
+
+
+class MoCoV3(TwoViewMethod):
+    """MoCo v3: predictor(projector(student)) against the momentum teacher's projections (Chen et al. 2021)."""
+
+    name = "mocov3"
+    Config = MoCoV3Config
+    presets = {
+        # The MAE quick encoder (96 wide x 4 blocks, patch 8) on digits, heads 256 wide; tuned for k-NN within the
+        # time budget.
+        "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, epochs=40,
+                      batch_size=128, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
+                      temperature=0.2, momentum=0.99, proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256,
+                      min_crop_scale=0.3, jitter_strength=0.5),
+        # docs/methods.md §7.2 / §3.2, MoCo v3's ViT recipe (Chen et al. 2021, App. and the released main_moco.py):
+        # AdamW, lr 1.5e-4·batch/256, weight decay 0.1, 40 warm-up epochs, 300 epochs, batch 4096, tau 0.2,
+        # momentum 0.99 -> 1 (cosine), projector 4096/256 (3 layers), predictor 4096 (2 layers), random patch
+        # projection, CLS pooling, crops (0.08, 1). The encoder is the small-data ViT on 32-px data.
+        "paper": dict(model="small_data", epochs=300, batch_size=4096, base_lr=1.5e-4, warmup_epochs=40,
+                      weight_decay=0.1, betas=(0.9, 0.999), global_pool="token", temperature=0.2, momentum=0.99,
+                      proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096, random_patch_projection=True,
+                      min_crop_scale=0.08, jitter_strength=0.5),
+    }
+
+    def __init__(self, config, data: DataInfo):
+        super().__init__(config, data, pos_embed="sincos", weight_init="mae")  # MoCo v3's ViT: fixed 2-D sin-cos
+        s = config.method_config
+        if s.random_patch_projection:
+            self.model.patch_embed.requires_grad_(False)
+        self.projector = projection_head(self.model.embed_dim, "mocov3", hidden_dim=s.proj_hidden_dim,
+                                         out_dim=s.proj_dim)
+        self.predictor = prediction_head(s.proj_dim, "mocov3", hidden_dim=s.pred_hidden_dim)
+        self.teacher = MomentumTeacher(self.student_parts())
+
+    def student_parts(self) -> Dict[str, torch.nn.Module]:
+        """The modules the teacher follows, by name (the teacher holds an EMA copy of each)."""
+        return {"encoder": self.model, "projector": self.projector}
+
+    def init_from(self, state, source: str):
+        report = super().init_from(state, source)
+        self.teacher.copy_from(self.student_parts())  # the teacher starts as the loaded student
+        return report
+
+    @torch.no_grad()
+    def teacher_keys(self, x: Tensor) -> Tensor:
+        """The teacher's projection of one clean view x [B, C, H, W]: [B, proj_dim], no gradient."""
+        encoder = self.teacher["encoder"]
+        return self.teacher["projector"](encoder.forward_head(encoder.forward_features(x), pre_logits=True))
+
+    def infonce(self, q: Tensor, k: Tensor) -> Tensor:
+        """2τ · InfoNCE(q, k): diagonal positives, keys gathered over ranks."""
+        tau = self.config.method_config.temperature
+        return ops.contrastive_loss(q, k, temperature=tau, positives="diagonal", scale=2 * tau,
+                                    gather_distributed=True)
+
+    def forward(self, images, labels, indices, generator) -> Tuple[Tensor, Dict[str, float]]:
+        views = self.train_views(images, generator)
+        (h1, h2), extra, metrics = self.encode_views(views, generator)
+        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
+        k1, k2 = self.teacher_keys(views[0]), self.teacher_keys(views[1])
+        infonce = self.infonce(q1, k2) + self.infonce(q2, k1)
+        return infonce + extra, {"infonce": infonce.item(), **metrics}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA update with m(step): ``step`` optimizer steps are done (the official code's iteration ``step``)."""
+        self.teacher.update(self.student_parts(),
+                            cosine_momentum(step, total_steps, self.config.method_config.momentum))

@@ -1,0 +1,114 @@
+"""SimCLR (Chen et al. 2020; docs/methods.md §7.1): two augmented views, projection head, NT-Xent.
+
+    loss = NT-Xent(g(f(x¹)), g(f(x²)))      f: the ViT's pooled feature, g: projection head "simclr"
+
+``TwoViewMethod`` is what SimCLR and MoCo v3 (vitfast/methods/mocov3.py) share, and what DILEMMA builds on:
+the encoder, the two training views, and ``encode_view`` — the one place every student encoder pass goes
+through. A subclass may override ``encode_view`` (DILEMMA: sparse, position-corrupted input plus a detection
+loss); the mean over the views of its extra losses is added to the method's loss, and its metrics are logged
+(averaged over the views).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..config import setting
+from ..data import augment
+from ..nn.heads import projection_head
+from .base import DataInfo, Method
+
+__all__ = ["TwoViewMethod", "SimCLR", "SimCLRConfig"]
+
+
+class TwoViewMethod(Method):
+    """The encoder (``self.model``), two training views, and the student's pass over one view (``encode_view``).
+
+    The settings dataclass of a subclass must have ``min_crop_scale`` and ``jitter_strength``.
+    """
+
+    def __init__(self, config, data: DataInfo, **encoder_kwargs):
+        super().__init__(config, data)
+        self.model = self.build_encoder(**encoder_kwargs)
+        self.train_views = self.build_views()
+
+    def build_views(self) -> augment.MultiView:
+        """SimCLR's two views (random-resized crop, flip, colour jitter of strength s: (0.8s, 0.8s, 0.8s, 0.2s)
+        with p 0.8, grayscale p 0.2); with ``augment="none"`` two copies of the evaluation transform."""
+        data, s = self.data, self.config.method_config
+        if self.config.augment == "none":
+            return augment.MultiView([augment.eval_transform(data.image_size, data.mean, data.std)], [2], name="none")
+        strength = s.jitter_strength
+        return augment.simclr_views(data.image_size, data.mean, data.std, scale=(s.min_crop_scale, 1.0),
+                                    jitter=(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength))
+
+    @property
+    def encoder(self):
+        return self.model
+
+    def encode_view(self, x: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor, Dict[str, float]]:
+        """The student's pass over one view x [B, C, H, W]: (pooled features [B, D], extra loss [] (0 here), metrics).
+
+        Every student encoder pass goes through here; DILEMMA overrides it. A teacher never does."""
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return pooled, pooled.new_zeros(()), {}
+
+    def encode_views(self, views: Sequence[Tensor], generator: torch.Generator
+                     ) -> Tuple[List[Tensor], Tensor, Dict[str, float]]:
+        """``encode_view`` on each view: ([features per view], mean of the extra losses, metrics averaged over views)."""
+        features, extras, sums = [], [], {}
+        for x in views:
+            pooled, extra, metrics = self.encode_view(x, generator)
+            features.append(pooled)
+            extras.append(extra)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        return features, torch.stack(extras).mean(), {k: v / len(views) for k, v in sums.items()}
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = setting(0.5, "softmax temperature of the contrastive loss")
+    proj_hidden_dim: int = setting(0, "hidden width of the projection head (0 = the encoder's width)")
+    proj_dim: int = setting(128, "output width of the projection head")
+    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops")
+    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8")
+
+
+class SimCLR(TwoViewMethod):
+    """SimCLR: NT-Xent between the projections of two augmented views (Chen et al. 2020)."""
+
+    name = "simclr"
+    Config = SimCLRConfig
+    presets = {
+        # The MAE quick encoder (96 wide x 4 blocks, patch 8) on digits; tuned for k-NN within the time budget.
+        "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, epochs=40,
+                      batch_size=128, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
+                      temperature=0.2, proj_hidden_dim=256, proj_dim=64, min_crop_scale=0.3, jitter_strength=0.5),
+        # docs/methods.md §7.1 and SimCLR's released CIFAR-10 command (google-research/simclr README): batch 512,
+        # 1000 epochs, temperature 0.5, colour-jitter strength 0.5, no blur, crops (0.08, 1), 10 warm-up epochs,
+        # cosine, projection head 2-layer MLP to 128. Optimizer: vitfast has no LARS (SimCLR's choice, for
+        # ResNets at batch 4096); we train the ViT with AdamW at the ViT contrastive recipe of MoCo v3 (Chen et
+        # al. 2021, which also trains SimCLR ViTs that way): lr 1.5e-4·batch/256, weight decay 0.1.
+        "paper": dict(model="small_data", epochs=1000, batch_size=512, base_lr=1.5e-4, warmup_epochs=10,
+                      weight_decay=0.1, temperature=0.5, proj_hidden_dim=0, proj_dim=128, min_crop_scale=0.08,
+                      jitter_strength=0.5),
+    }
+
+    def __init__(self, config, data: DataInfo):
+        super().__init__(config, data)
+        s = config.method_config
+        self.projector = projection_head(self.model.embed_dim, "simclr", out_dim=s.proj_dim,
+                                         hidden_dim=s.proj_hidden_dim or None)
+
+    def forward(self, images, labels, indices, generator) -> Tuple[Tensor, Dict[str, float]]:
+        views = self.train_views(images, generator)
+        (h1, h2), extra, metrics = self.encode_views(views, generator)
+        ntxent = ops.contrastive_loss(self.projector(h1), self.projector(h2),
+                                      temperature=self.config.method_config.temperature, positives="ntxent",
+                                      gather_distributed=True)
+        return ntxent + extra, {"ntxent": ntxent.item(), **metrics}
