@@ -25,7 +25,8 @@ import pytest
 import torch
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
-OPS = ("masked_patch_embed", "masked_pixel_loss", "relation_loss", "relation_mlp_loss")  # a new op: add its name
+# A new op: add its name.
+OPS = ("contrastive_loss", "masked_patch_embed", "masked_pixel_loss", "relation_loss", "relation_mlp_loss")
 KINDS = ("scalar", "tensor")
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 # band = FACTOR x measured. bf16 gets 2: its results' own rounding (up to 0.4 %, 0.8 % with a bf16 upstream gradient)
@@ -39,6 +40,20 @@ MEASURE_ENV = "VITFAST_MEASURE_ERRORS"
 # triton bf16 rows re-measured after the rounding fix). The cuda rows cannot be measured there: they carry the cpu row's numbers
 # (UNMEASURED below) until the script runs on a GPU.
 TOLERANCES = {
+    ("contrastive_loss", "triton", F32, "scalar"): (1.6e-06, 4e-07),
+    ("contrastive_loss", "triton", F32, "tensor"): (1.8e-06, 4.4e-07),
+    ("contrastive_loss", "triton", F16, "scalar"): (0.002, 9.1e-05),
+    ("contrastive_loss", "triton", F16, "tensor"): (0.0064, 0.0016),
+    ("contrastive_loss", "triton", BF16, "scalar"): (0.0079, 0.002),
+    ("contrastive_loss", "triton", BF16, "tensor"): (0.018, 0.009),
+    ("contrastive_loss", "torch", F64, "scalar"): (1.1e-15, 2.6e-16),
+    ("contrastive_loss", "torch", F64, "tensor"): (2.4e-15, 5.9e-16),
+    ("contrastive_loss", "torch", F32, "scalar"): (6e-07, 1.5e-07),
+    ("contrastive_loss", "torch", F32, "tensor"): (2.3e-06, 5.6e-07),
+    ("contrastive_loss", "torch", F16, "scalar"): (0.002, 9.1e-05),
+    ("contrastive_loss", "torch", F16, "tensor"): (0.0068, 0.0017),
+    ("contrastive_loss", "torch", BF16, "scalar"): (0.0079, 0.002),
+    ("contrastive_loss", "torch", BF16, "tensor"): (0.022, 0.011),
     ("masked_patch_embed", "triton", F32, "tensor"): (8.4e-07, 2.1e-07),
     ("masked_patch_embed", "triton", F16, "tensor"): (0.0022, 0.00054),
     ("masked_patch_embed", "triton", BF16, "tensor"): (0.011, 0.0052),

@@ -142,8 +142,10 @@ def _contrastive_loss_op(anchors: Tensor, pool: Tensor, anchor_labels: Tensor, p
                          anchor_self: Tensor, inv_temperature: float, loss_scale: float, backend: str
                          ) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss [] accumulation dtype, lse [A] accumulation dtype, positives per anchor [A] int32)."""
-    loss, lse, count = BACKENDS(backend).forward(anchors, pool, anchor_labels, pool_labels, anchor_self,
-                                                 inv_temperature, loss_scale)
+    # Autocast stays on inside a custom op: it would run the reference's fp32 matmuls in bf16 / fp16.
+    with torch.autocast(anchors.device.type, enabled=False):
+        loss, lse, count = BACKENDS(backend).forward(anchors, pool, anchor_labels, pool_labels, anchor_self,
+                                                     inv_temperature, loss_scale)
     return loss, lse, count
 
 
@@ -159,8 +161,9 @@ def _contrastive_loss_backward_op(grad_loss: Tensor, anchors: Tensor, pool: Tens
                                   pool_labels: Tensor, anchor_self: Tensor, lse: Tensor, count: Tensor,
                                   inv_temperature: float, loss_scale: float, output_mask: List[bool], backend: str
                                   ) -> Tuple[Tensor, Tensor]:
-    grads = BACKENDS(backend).backward(grad_loss.contiguous(), anchors, pool, anchor_labels, pool_labels, anchor_self,
-                                       lse, count, inv_temperature, loss_scale, list(output_mask))
+    with torch.autocast(anchors.device.type, enabled=False):
+        grads = BACKENDS(backend).backward(grad_loss.contiguous(), anchors, pool, anchor_labels, pool_labels,
+                                           anchor_self, lse, count, inv_temperature, loss_scale, list(output_mask))
     # A custom op returns tensors only: an unneeded gradient travels as an empty tensor.
     return tuple(g if g is not None and needed else anchors.new_empty(0) for g, needed in zip(grads, output_mask))
 
