@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
 from ..config import setting
 from ..data import augment
 from ..eval.classification import classification_accuracy
+from ..nn.contrastive import SupConLoss
 from ..nn.heads import projection_head
 from .base import DataInfo, Method
 
@@ -34,14 +34,6 @@ class LaCViTConfig:
     base_temperature: float = setting(0.07, "SupCon tau_base: the loss is multiplied by tau / tau_base")
     projection_dim: int = setting(128, "output width of the SupCon projection head")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy (stages probe, finetune, baseline)")
-
-
-def supcon_loss(z1: Tensor, z2: Tensor, labels: Tensor, temperature: float, base_temperature: float) -> Tensor:
-    """SupCon over both views (docs/methods.md §4.1): z1, z2 [B, P] projections (normalised inside), labels [B].
-
-    The pool is the whole batch, gathered over ranks with gradient (``gather_distributed``)."""
-    return ops.contrastive_loss(z1, z2, temperature=temperature, positives="labels", labels=labels,
-                                scale=temperature / base_temperature, gather_distributed=True)
 
 
 def _stage_epochs(supcon: int, second: int, **extra) -> Dict[str, Dict]:
@@ -92,6 +84,8 @@ class LaCViT(Method):
         self.projector = None
         if stage == "supcon":
             self.projector = projection_head(self.model.embed_dim, "simclr", out_dim=s.projection_dim)
+            # The pool is the whole batch, gathered over ranks with gradient (docs/methods.md §4.3).
+            self.criterion = SupConLoss(s.supcon_temperature, s.base_temperature, gather_distributed=True)
             self.train_views = augment.supcon_views(size, data.mean, data.std)
         else:
             self.train_views = augment.supervised_train(size, data.mean, data.std)
@@ -120,7 +114,7 @@ class LaCViT(Method):
                 views = [views, views]
             z1, z2 = (self.projector(self.model.forward_head(self.model.forward_features(v), pre_logits=True))
                       for v in views)
-            return supcon_loss(z1, z2, labels, s.supcon_temperature, s.base_temperature), {}
+            return self.criterion(torch.stack([z1, z2], dim=1), labels), {}
         x = self.train_views(images, generator)
         if self.stage == "probe":
             with torch.no_grad():

@@ -1,0 +1,98 @@
+"""DILEMMA (Sameni, Jenni, Favaro, AAAI 2023; docs/methods.md §3): detect incorrect location embeddings.
+
+An add-on to a two-view contrastive method (``--base mocov3``, the paper's main form, or ``--base simclr``). Every
+student pass (``TwoViewMethod.encode_view``, overridden here) sees a sparse, position-corrupted view:
+
+    keep K = int(N·(1 − r)) of the N patches (``random_masking``), give each kept token with probability p = 0.2 the
+    position embedding of a dropped patch (``corrupt_positions``), embed only those tokens
+    (``ViT.forward_features(x, keep_idx, pos_idx)``, i.e. ``masked_patch_embed``), and score every output patch
+    token with a detection head Linear(D, 1): BCE with logits against the corruption labels (1 = wrong position).
+
+    L = contrastive loss of the base + λ · mean over the two views of BCE,   λ = 1
+
+The base's momentum teacher (MoCo v3) encodes the full clean views: it never goes through ``encode_view``.
+The base is a setting, so one registered method serves both: ``DILEMMA(config, data)`` returns an instance of
+the DILEMMA subclass of the chosen base method (``VARIANTS``); its settings are MoCo v3's plus DILEMMA's own
+(SimCLR reads the same names: temperature, proj_hidden_dim, proj_dim, min_crop_scale, jitter_strength).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..config import setting
+from .base import DataInfo
+from .mocov3 import MoCoV3, MoCoV3Config
+from .simclr import SimCLR, TwoViewMethod
+
+__all__ = ["DILEMMA", "DILEMMAConfig", "VARIANTS"]
+
+
+@dataclass
+class DILEMMAConfig(MoCoV3Config):
+    base: str = setting("mocov3", "the contrastive method DILEMMA is added to: mocov3 or simclr")
+    mask_ratio: float = setting(0.5, "fraction of the patches removed from the student's input")
+    corrupt_probability: float = setting(0.2, "probability that a kept token gets a wrong position embedding")
+    detection_weight: float = setting(1.0, "lambda: weight of the wrong-position detection BCE")
+
+
+class DILEMMA(TwoViewMethod):
+    """Sparse, position-corrupted student views plus wrong-position detection, on MoCo v3 or SimCLR."""
+
+    name = "dilemma"
+    Config = DILEMMAConfig
+    presets = {
+        # The MoCo v3 quick preset (96 wide x 4 blocks, patch 8: N = 16 tokens, heads 256 wide) with mask ratio 0.5
+        # (8 tokens kept, so every wrong position is a dropped one: the paper's rule) and p = 0.2.
+        "quick": dict(MoCoV3.presets["quick"], mask_ratio=0.5, corrupt_probability=0.2, detection_weight=1.0),
+        # docs/methods.md §3.2: MoCo v3's ViT recipe (its paper preset: small-data ViT on 32-px data, AdamW
+        # 1.5e-4·batch/256, wd 0.1, 300 epochs, batch 4096, τ 0.2, momentum 0.99 -> 1, projector 4096/256,
+        # predictor 4096) with the sparsity and corruption of DILEMMA: mask ratio 0.75 (the paper's largest; it
+        # uses less for smaller models), p = 0.2, λ = 1.
+        "paper": dict(MoCoV3.presets["paper"], mask_ratio=0.75, corrupt_probability=0.2, detection_weight=1.0),
+    }
+
+    def __new__(cls, config, data: DataInfo):
+        if cls is DILEMMA:  # pick the subclass of the chosen base
+            base = config.method_config.base
+            if base not in VARIANTS:
+                raise ValueError(f"dilemma: base must be one of {sorted(VARIANTS)}, got {base!r}")
+            cls = VARIANTS[base]
+        return super().__new__(cls)
+
+    def __init__(self, config, data: DataInfo):
+        super().__init__(config, data)  # the base method (next in the variant's MRO) builds encoder, heads, views
+        s = config.method_config
+        if not 0.0 <= s.corrupt_probability <= 1.0:
+            raise ValueError(f"dilemma: corrupt_probability must be in [0, 1], got {s.corrupt_probability}")
+        self.detector = nn.Linear(self.model.embed_dim, 1)
+
+    def encode_view(self, x: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor, Dict[str, float]]:
+        """Sparse, corrupted pass over one view x [B, C, H, W]: (pooled [B, D], λ·BCE [], metrics)."""
+        s = self.config.method_config
+        keep_idx, _, _, ids_shuffle = ops.random_masking(x.shape[0], self.model.num_patches, s.mask_ratio,
+                                                         generator=generator, device=x.device, return_shuffle=True)
+        pos_idx, corrupted = ops.corrupt_positions(ids_shuffle, keep_idx.shape[1], s.corrupt_probability,
+                                                   generator=generator)
+        tokens = self.model.forward_features(x, keep_idx, pos_idx)
+        logits = self.detector(tokens[:, 1:]).squeeze(-1)  # [B, K]: one score per visible patch token
+        bce = F.binary_cross_entropy_with_logits(logits.float(), corrupted)
+        accuracy = ((logits > 0).float() == corrupted).float().mean()
+        pooled = self.model.forward_head(tokens, pre_logits=True)
+        return pooled, s.detection_weight * bce, {"detection_bce": bce.item(), "detection_accuracy": accuracy.item()}
+
+
+class DILEMMAMoCoV3(DILEMMA, MoCoV3):
+    """DILEMMA on MoCo v3: the student sees sparse, corrupted views; the momentum teacher the full clean ones."""
+
+
+class DILEMMASimCLR(DILEMMA, SimCLR):
+    """DILEMMA on SimCLR: both views go through the sparse, corrupted student pass."""
+
+
+VARIANTS = {"mocov3": DILEMMAMoCoV3, "simclr": DILEMMASimCLR}
