@@ -142,6 +142,39 @@ def test_saved_statistics(backend, dtype, case, assert_close):
     assert_close(loss, per_anchor.sum(), dtype, f"{backend}/loss")
 
 
+def as_rank_one_of_two(q, k, kwargs, backend, monkeypatch):
+    """The op as rank 1 of 2 would run it, in one process: anchors are the second half of the rows, the pool both
+    halves (A != M, own rows offset by B / 2); rank 0's rows enter through a patched gather. (loss, grads)."""
+    module = importlib.import_module("vitfast.ops.contrastive_loss")
+    half = q.shape[0] // 2
+    others = iter([F.normalize(t[:half], dim=1) for t in (q, k) if t is not None])  # in the op's gather order
+    monkeypatch.setattr(module, "rank", lambda: 1)
+    monkeypatch.setattr(module, "world_size", lambda: 2)
+    monkeypatch.setattr(module, "gather_rows_with_grad", lambda x: torch.cat([next(others), x]))
+    monkeypatch.setattr(module, "_gather_labels", lambda labels: kwargs["labels"])
+    local = {**kwargs, **({"labels": kwargs["labels"][half:]} if "labels" in kwargs else {})}
+    leaves = [t[half:].clone().requires_grad_() for t in (q, k) if t is not None]
+    loss = contrastive_loss(*leaves, gather_distributed=True, backend=backend, **local)
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "ntxent", "labels", "labels1"])
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b, d in backend_cases() if d in (F32, F16) and b != "torch"],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_rank_layout_matches_reference(backend, dtype, mode, monkeypatch, assert_close):
+    """Kernels see A != M and self indices offset into the pool only under gather_distributed: held here against the
+    kernel-level reference (the torch backend in fp64), which tests/test_contrastive_distributed.py holds against
+    one process."""
+    skip_unless_runs(backend, dtype)
+    q, k, kwargs = make_inputs(mode, 10, 9, "few" if mode.startswith("labels") else None, dtype, seed=12)
+    loss, grads = as_rank_one_of_two(q, k, kwargs, backend, monkeypatch)
+    want_loss, want_grads = as_rank_one_of_two(*(t.double() if t is not None else None for t in (q, k)), kwargs,
+                                               "torch", monkeypatch)
+    assert_close(loss.detach(), want_loss, dtype, f"{backend}/loss")
+    for what, actual, expected in zip(("d_q", "d_k"), grads, want_grads):
+        assert_close(actual, expected, dtype, f"{backend}/{what}")
+
+
 # ---- the reference against the papers' formulas, written out independently ----
 
 def supcon_as_released(features, labels, temperature, base_temperature):
