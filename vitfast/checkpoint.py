@@ -14,6 +14,14 @@ import numpy as np
 import torch
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, foreign or too new; the message names the file."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at the checkpoint's path."""
+
+
 def atomic_save(obj: Any, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -34,15 +42,15 @@ def load(path: str, map_location="cpu", newest_format: Optional[int] = None) -> 
     """Load a checkpoint; a truncated, foreign or too new (format above ``newest_format``) file gives an error
     that names it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # truncated zip, pickle error, ...
-        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict) or "format" not in state:
-        raise RuntimeError(f"{path} is not a vitfast checkpoint")
+        raise CheckpointError(f"{path} is not a vitfast checkpoint")
     if newest_format is not None and state["format"] > newest_format:
-        raise RuntimeError(f"{path} was written by a newer vitfast (checkpoint format {state['format']}; this one "
+        raise CheckpointError(f"{path} was written by a newer vitfast (checkpoint format {state['format']}; this one "
                            f"reads up to {newest_format}): update vitfast to use it")
     return state
 

@@ -26,9 +26,35 @@ FORMAT1_METHOD_FIELDS = ("label_smoothing", "mixup", "cutmix", "random_erasing",
                          "norm_pix", "decoder_dim", "decoder_depth", "decoder_heads")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A field of a method's settings dataclass, with the help text ``train.py --help`` shows."""
-    return field(default=default, metadata={"help": help})
+class UserError(ValueError):
+    """A mistake in what was asked for (a value, a path, a device, a run folder). ``train.py`` prints it as one
+    line (``train.py: error: ...``) and exits 2; any other exception is a bug and keeps its traceback."""
+
+
+class Interval:
+    """A range written as users read it: ``"[0, 1)"``, ``"(0, inf)"``, ``"[1, inf)"``."""
+
+    def __init__(self, text: str):
+        text = text.strip()
+        if text[0] not in "[(" or text[-1] not in "])" or "," not in text:
+            raise ValueError(f"an interval looks like '[0, 1)', got {text!r}")
+        low, high = (float(part) for part in text[1:-1].split(","))
+        self.text, self.low, self.high = text, low, high
+        self.closed_low, self.closed_high = text[0] == "[", text[-1] == "]"
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.closed_low else value > self.low
+        below = value <= self.high if self.closed_high else value < self.high
+        return above and below
+
+
+def setting(default: Any, help: str, within: Optional[str] = None) -> Any:
+    """A field of a method's settings dataclass, with the help text ``train.py --help`` shows and, for a number,
+    the range it must lie in (``within="[0, 1)"``), checked before a run starts."""
+    metadata = {"help": help + (f"; in {within}" if within else "")}
+    if within:
+        metadata["within"] = Interval(within)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -107,6 +133,73 @@ _TUPLE_FIELDS = {name for name, hint in typing.get_type_hints(TrainConfig).items
                  if typing.get_origin(hint) is tuple}
 
 
+# The range of each numeric shared field; a method declares its settings' ranges with ``setting(within=...)``.
+SHARED_RANGES = {name: Interval(text) for name, text in {
+    "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "base_lr": "(0, inf)", "min_lr": "[0, inf)",
+    "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)", "grad_clip": "(0, inf)", "drop_path": "[0, 1)",
+    "knn_k": "[1, inf)", "probe_epochs": "[0, inf)", "eval_every": "[0, inf)", "max_steps": "[1, inf)",
+    "checkpoint_every": "[0, inf)", "image_size": "[1, inf)", "patch_size": "[1, inf)", "embed_dim": "[1, inf)",
+    "depth": "[1, inf)", "num_heads": "[1, inf)", "mlp_ratio": "(0, inf)", "seed": "[0, inf)",
+}.items()}
+SHARED_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "global_pool": ("token", "avg"),
+                  "augment": ("default", "none")}
+METRICS = ("knn", "linear", "clustering")
+
+
+def _type_error(hint: Any, value: Any) -> Optional[str]:
+    """What is wrong with ``value`` for a field annotated ``hint`` (None when it fits)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        errors = [_type_error(a, value) for a in args if a is not type(None)]
+        return None if any(e is None for e in errors) else errors[0]
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return f"a list of {len(args)} values, e.g. [0.9, 0.95]"
+        return next((e for a, v in zip(args, value) if (e := _type_error(a, v))), None)
+    return None  # dicts and Any: not checked here
+
+
+def _check_field(name: str, value: Any, hint: Any, interval: Optional[Interval]) -> None:
+    problem = _type_error(hint, value)
+    if problem is not None:
+        raise UserError(f"{name} must be {problem}, got {value!r}")
+    if interval is not None and value is not None and not isinstance(value, bool) and value not in interval:
+        raise UserError(f"{name} must be in {interval.text}, got {value!r}")
+
+
+def validate(config: "TrainConfig") -> "TrainConfig":
+    """Check every value's type and range (shared fields and the method's settings): a UserError naming the first
+    bad one. Runs whenever a config is built from values, so nothing starts with an impossible value."""
+    hints = typing.get_type_hints(TrainConfig)
+    for name in SHARED_FIELDS:
+        if name not in ("stage_overrides", "method"):
+            _check_field(name, getattr(config, name), hints[name], SHARED_RANGES.get(name))
+    for name, choices in SHARED_CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    unknown = [m for m in (m.strip() for m in config.metrics.split(",")) if m and m not in METRICS]
+    if unknown:
+        raise UserError(f"metrics must be a comma-separated subset of {', '.join(METRICS)}, got {config.metrics!r}")
+    from .nn.vit import VIT_CONFIGS  # noqa: PLC0415 (the model table; torch loads here, not at CLI start)
+    if config.model not in VIT_CONFIGS:
+        raise UserError(f"model must be one of {', '.join(sorted(VIT_CONFIGS))}, got {config.model!r}")
+    settings = config.method_config
+    setting_hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        _check_field(f.name, getattr(settings, f.name), setting_hints[f.name], f.metadata.get("within"))
+    return config
+
+
 def _method_class(method: str):
     from .methods import get_method  # the methods import this module: resolve them at call time
     return get_method(method)
@@ -122,23 +215,23 @@ def config_from_values(method: str, values: Dict[str, Any]) -> TrainConfig:
         elsewhere = {k: [m for m, c in sorted(METHODS.items()) if k in {f.name for f in dataclasses.fields(c.Config)}]
                      for k in unknown}
         hint = "; ".join(f"{k} is a setting of {', '.join(ms)}" for k, ms in elsewhere.items() if ms)
-        raise ValueError(f"unknown config keys {unknown} for method {method!r}" + (f" ({hint})" if hint else "")
+        raise UserError(f"unknown config keys {unknown} for method {method!r}" + (f" ({hint})" if hint else "")
                          + f"; its settings: {sorted(own)}; shared: {sorted(set(SHARED_FIELDS) - {'method'})}")
     for stage, per_stage in values.get("stage_overrides", {}).items():
         bad = sorted(set(per_stage) - set(SHARED_FIELDS) - own)
         if bad:
-            raise ValueError(f"unknown config keys {bad} in the values of stage {stage!r} of method {method!r}")
+            raise UserError(f"unknown config keys {bad} in the values of stage {stage!r} of method {method!r}")
     shared = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v)
               for k, v in values.items() if k in SHARED_FIELDS and k != "method"}
-    return TrainConfig(method=method, method_config=cls.Config(**{k: v for k, v in values.items() if k in own}),
-                       **shared)
+    return validate(TrainConfig(method=method, **shared,
+                                method_config=cls.Config(**{k: v for k, v in values.items() if k in own})))
 
 
 def build_config(method: str, preset: str = "quick", **overrides: Any) -> TrainConfig:
     """The config of ``method`` with its ``preset``; ``overrides`` (flat keys, None = not given) win."""
     cls = _method_class(method)
     if preset not in cls.presets:
-        raise ValueError(f"unknown preset {preset!r} for {method}; available: {sorted(cls.presets)}")
+        raise UserError(f"unknown preset {preset!r} for {method}; available: {sorted(cls.presets)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**cls.presets[preset], **given, "preset": preset}
     # Precedence: preset < the preset's per-stage values < what the user gave (for every stage).
@@ -155,7 +248,7 @@ def config_from_dict(stored: Dict[str, Any], source: str = "config") -> TrainCon
     try:
         cls = _method_class(method)
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise UserError(f"{source}: {error}") from None
     if nested is None:  # format 1: every method's settings in one flat dict
         own = {f.name for f in dataclasses.fields(cls.Config)}
         values = {k: v for k, v in values.items() if k not in FORMAT1_METHOD_FIELDS or k in own}
@@ -164,7 +257,7 @@ def config_from_dict(stored: Dict[str, Any], source: str = "config") -> TrainCon
     try:
         return config_from_values(method, values)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{source} does not fit this vitfast's {method!r} method ({error}); "
+        raise UserError(f"{source} does not fit this vitfast's {method!r} method ({error}); "
                          f"start a new run folder") from None
 
 

@@ -19,14 +19,17 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 from .data import augment, load_splits
 from .data.loader import BatchLoader
 from .distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
@@ -34,11 +37,50 @@ from .methods import DataInfo, get_method
 
 CHECKPOINT = "checkpoint-last.pt"
 FORMAT = 2  # 2: the method's encoder_state_dict() under "encoder" (format 1 had none; checkpoint.py reads both)
+RUN_FILES = ("config.json", CHECKPOINT, "summary.json", "metrics.csv")  # a folder with one of these holds a run
+PLOTS = ("loss.png", "accuracy.png")
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped the run; the checkpoint of step ``step`` in ``out`` continues it."""
+
+    def __init__(self, signal_number: int, step: int, out: str):
+        super().__init__(f"interrupted by signal {signal_number} at step {step}")
+        self.signal, self.step, self.out = signal_number, step, out
 
 
 def default_run_dir(config: TrainConfig) -> str:
     dataset = config.dataset.replace(":", "_").replace("/", "_")
-    return os.path.join("runs", f"{config.method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = os.path.join("runs", f"{config.method}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base, 1
+    while os.path.exists(path):  # two runs started in the same second
+        path, n = f"{base}-{n}", n + 1
+    return path
+
+
+def _run_file_in(folder: str) -> Optional[str]:
+    """The first run file in ``folder`` or one of its stage subfolders (None: it holds no run)."""
+    if not os.path.isdir(folder):
+        return None
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    for entry in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, entry)
+        if os.path.isdir(sub) and any(os.path.isfile(os.path.join(sub, name)) for name in RUN_FILES):
+            return next(os.path.join(sub, n) for n in RUN_FILES if os.path.isfile(os.path.join(sub, n)))
+    return None
+
+
+def _clear_run(folder: str) -> None:
+    """--overwrite: delete the run files of ``folder`` and of its stage subfolders (nothing else)."""
+    subfolders = [os.path.join(folder, e) for e in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+    for where in [folder] + [d for d in subfolders if os.path.isdir(d) and _run_file_in(d)]:
+        for name in RUN_FILES + PLOTS:
+            if os.path.isfile(os.path.join(where, name)):
+                os.remove(os.path.join(where, name))
+        if where != folder and not os.listdir(where):
+            os.rmdir(where)
 
 
 def _stage_config(config: TrainConfig, name: str, **changes) -> TrainConfig:
@@ -46,33 +88,52 @@ def _stage_config(config: TrainConfig, name: str, **changes) -> TrainConfig:
     return config.replace(**{**config.stage_overrides.get(name, {}), **changes})
 
 
-def run(config: TrainConfig) -> Dict:
+def run(config: TrainConfig, overwrite: bool = False) -> Dict:
     """Train a method: one Trainer, or for multi-stage methods one per stage in ``<out>/<stage>``.
 
     A stage listed in the method's ``stage_init`` starts from the encoder of that earlier stage; ``--init``
     applies to the first stage only (a baseline stage such as RelViT's ``scratch`` always starts from
     random weights). With ``resume``, finished stages (summary.json present) are skipped and an
     interrupted one continues.
+
+    Run folders are never overwritten: an ``out`` that holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (its run files are deleted once the new run has set up: data, device and model). Nothing is
+    written before that setup succeeds, so a run that fails to start leaves no folder behind.
     """
     method = get_method(config.method)
+    out = config.out or default_run_dir(config)
+    config = dataclasses.replace(config, out=out)
+    existing = _run_file_in(out)
+    if existing and not config.resume and not overwrite:
+        raise UserError(f"{out} already holds a run ({os.path.basename(existing)}); continue it with --resume, "
+                        f"choose another --out, or start over with --overwrite")
+    clear = (lambda: _clear_run(out)) if existing and overwrite else (lambda: None)
+    try:
+        return _run_stages(config, method, clear)
+    except Interrupted as stop:
+        raise Interrupted(stop.signal, stop.step, out) from None  # resume the whole run, not one stage
+
+
+def _run_stages(config: TrainConfig, method, clear) -> Dict:
     if config.stage:  # one stage, in --out itself; its init defaults to the sibling folder of its source stage
         source = method.stage_init.get(config.stage)
-        out = config.out or default_run_dir(config)
         init = config.init
         if source and not init:
-            init = os.path.join(os.path.dirname(os.path.abspath(out)), source)
+            init = os.path.join(os.path.dirname(os.path.abspath(config.out)), source)
             if not os.path.isfile(os.path.join(init, CHECKPOINT)):
-                raise SystemExit(f"stage {config.stage} starts from the {source} stage: pass --init RUN_DIR "
-                                 f"(looked for {init})")
-        return Trainer(_stage_config(config, config.stage, out=out, init=init, resume=config.resume)).fit()
+                raise UserError(f"stage {config.stage} starts from the {source} stage: pass --init RUN_DIR "
+                                f"(looked for {init})")
+        trainer = Trainer(_stage_config(config, config.stage, init=init, resume=config.resume))
+        clear()
+        return trainer.fit()
     if not method.stages:
-        return Trainer(config).fit()
-    root = config.out or default_run_dir(config)
+        trainer = Trainer(config)
+        clear()
+        return trainer.fit()
+    root = config.out
+    for stage in method.stages:  # every stage's values are valid before anything starts
+        _stage_config(config, stage)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if not config.resume and is_main:
-        os.makedirs(root, exist_ok=True)
-        with open(os.path.join(root, "config.json"), "w") as f:
-            f.write(dataclasses.replace(config, out=root).to_json())
     summaries = {}
     for stage in method.stages:
         out = os.path.join(root, stage)
@@ -84,7 +145,13 @@ def run(config: TrainConfig) -> Dict:
         source = method.stage_init.get(stage)
         init = os.path.join(root, source) if source else (config.init if stage == method.stages[0] else None)
         resume = config.resume and os.path.isfile(os.path.join(out, CHECKPOINT))
-        summaries[stage] = Trainer(_stage_config(config, stage, stage=stage, out=out, init=init, resume=resume)).fit()
+        trainer = Trainer(_stage_config(config, stage, stage=stage, out=out, init=init, resume=resume))
+        if not config.resume and is_main and not os.path.isfile(os.path.join(root, "config.json")):
+            clear()  # the first stage has set up: now the folder may change
+            os.makedirs(root, exist_ok=True)
+            with open(os.path.join(root, "config.json"), "w") as f:
+                f.write(config.to_json())
+        summaries[stage] = trainer.fit()
         if "stopped_at_step" in summaries[stage]:
             return summaries[stage]
     summary = {"method": config.method, "dataset": config.dataset, "run_dir": root, "stages": summaries}
@@ -100,9 +167,16 @@ def run(config: TrainConfig) -> Dict:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA GPU is visible")
+        raise UserError(f"--device {name} was asked for, but no CUDA GPU is visible (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return device
 
 
@@ -131,6 +205,7 @@ class Trainer:
         train = self.splits["train"]
         self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],
                                   num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))
+        self._check_model_fits_data()
         method = get_method(c.method)
         torch.manual_seed(c.seed)  # identical initial weights on every rank
         self.method = method(c, self.data_info).to(self.device)
@@ -146,6 +221,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"batch_size {c.batch_size} x {self.dist.world_size} process(es) is larger than the "
+                            f"training split ({len(train)} images): no full batch per epoch")
         self.method.steps_per_epoch = self.steps_per_epoch  # for the method's per-epoch schedules
         self.total_steps = c.epochs * self.steps_per_epoch
         self.step = 0
@@ -155,6 +233,36 @@ class Trainer:
         self.epoch_count = 0
         self.epoch_seconds = 0.0
         self.eval_transform = augment.eval_transform(self.data_info.image_size, self.data_info.mean, self.data_info.std)
+        # Progress bars on a terminal only; a log file gets one line per epoch.
+        self.show_progress = c.progress and self.dist.is_main and sys.stderr.isatty()
+        self.stop_signal: Optional[int] = None
+        self._in_loop = False
+        self._warn_about_settings(len(train))
+
+    def _check_model_fits_data(self) -> None:
+        from .nn.vit import vit_config  # noqa: PLC0415
+        c, size = self.config, self.data_info.image_size
+        table = vit_config(c.model)
+        patch = c.patch_size or table["patch_size"]
+        if size % patch:
+            raise UserError(f"patch_size {patch} does not divide the image size {size} ({c.dataset}"
+                            f"{', --image-size' if c.image_size else ''}); choose a divisor of {size}")
+        dim, heads = c.embed_dim or table["embed_dim"], c.num_heads or table["num_heads"]
+        if dim % heads:
+            raise UserError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+
+    def _warn_about_settings(self, train_images: int) -> None:
+        c = self.config
+        if c.warmup_epochs >= c.epochs:
+            self._log(f"warning: the warm-up ({c.warmup_epochs:g} epochs) is as long as the run ({c.epochs} epochs): "
+                      f"the learning rate never decays")
+        if c.precision == "fp16" and self.device.type == "cpu":
+            self._log("warning: --precision fp16 on CPU is slow (measured ~7x slower than fp32 on this project's "
+                      "machines); use fp32 or bf16")
+        dropped = train_images - self.steps_per_epoch * c.batch_size * self.dist.world_size
+        if dropped * 4 > train_images:
+            self._log(f"warning: batch_size {c.batch_size} leaves {dropped} of {train_images} training images out of "
+                      f"every epoch (only full batches are used)")
 
     # ----------------------------------------------------------------------------- schedule
     def lr_at(self, step: int) -> float:
@@ -228,8 +336,55 @@ class Trainer:
         return {"loss": loss.item(), "lr": lr, **metrics}
 
     def fit(self) -> Dict:
-        c = self.config
+        """Train to the end (or --max-steps), evaluate, write the summary. SIGINT / SIGTERM stop the loop after the
+        current step with a checkpoint (Interrupted); outside the loop (k-NN baseline, final evaluation) they stop
+        at once, and the last checkpoint stands. A run stopped before its first checkpoint leaves no folder."""
         path = os.path.join(self.out, CHECKPOINT)
+        with self._stop_requests():
+            try:
+                return self._fit(path)
+            except Interrupted:
+                if not self.config.resume and not os.path.isfile(path) and self.dist.is_main:
+                    _clear_run(self.out)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.out)  # only if nothing else is in it
+                raise
+
+    @contextlib.contextmanager
+    def _stop_requests(self):
+        """Route SIGINT / SIGTERM to this run while it trains (main thread only); the previous handlers return after,
+        and a second signal acts as it would have without us."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def request_stop(number, frame):
+            signal.signal(number, previous[number])
+            if not self._in_loop:
+                raise Interrupted(number, self.step, self.out)
+            self.stop_signal = number
+            self._log(f"stopping after step {self.step + 1} with a checkpoint (again to stop at once)")
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _stop_requested(self) -> Optional[int]:
+        """The signal that asked to stop, on any rank (every rank stops at the same step)."""
+        number = self.stop_signal or 0
+        if self.dist.enabled:
+            flag = torch.tensor([number], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            number = int(flag.item())
+        return number or None
+
+    def _fit(self, path: str) -> Dict:
+        c = self.config
         if c.resume:
             self.load_checkpoint(path)
             self._log(f"resumed {path} at step {self.step} (epoch {self.loader.epoch}, batch {self.loader.batch})")
@@ -239,12 +394,13 @@ class Trainer:
                 with open(os.path.join(self.out, "config.json"), "w") as f:
                     f.write(c.to_json())
             self.baseline = self._baseline_metrics()
-        stopped = False
+        stopped, interrupted = False, None
         while self.loader.epoch < c.epochs and not stopped:
             epoch = self.loader.epoch
             started = time.perf_counter()
-            batches = _progress(self.loader, c.progress and self.dist.is_main, desc=f"epoch {epoch + 1}/{c.epochs}",
+            batches = _progress(self.loader, self.show_progress, desc=f"epoch {epoch + 1}/{c.epochs}",
                                 total=len(self.loader), initial=self.loader.batch, leave=False)
+            self._in_loop = True
             for images, labels, indices in batches:
                 metrics = self.train_step(images, labels, indices)
                 for k, v in metrics.items():
@@ -252,17 +408,21 @@ class Trainer:
                 self.epoch_count += 1
                 if hasattr(batches, "set_postfix"):
                     batches.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if c.max_steps is not None and self.step >= c.max_steps:
+                interrupted = self._stop_requested()
+                if interrupted or (c.max_steps is not None and self.step >= c.max_steps):
                     stopped = True
                     break
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
+            self._in_loop = False
             self.epoch_seconds += time.perf_counter() - started
             if stopped and self.loader.epoch == epoch:
                 break  # mid-epoch stop: the checkpoint below resumes at the next batch
             self._end_epoch(epoch)
         self.save_checkpoint()
         barrier(self.dist)
+        if interrupted:
+            raise Interrupted(interrupted, self.step, self.out)
         if stopped:
             self._log(f"stopped at step {self.step} (--max-steps); resume with --resume --out {self.out}")
             return {"stopped_at_step": self.step}
@@ -308,12 +468,12 @@ class Trainer:
             summary["train_seconds"] = sum(r["seconds"] for r in self.history)
         if self.dist.is_main:
             self.method.eval()
-            summary.update(self.method.evaluate(self.splits, self.eval_transform, self.device, self.config.progress))
+            summary.update(self.method.evaluate(self.splits, self.eval_transform, self.device, self.show_progress))
             if self._metrics():
                 from .eval import evaluate_representation
                 summary.update(evaluate_representation(
                     self.method.features, self.splits, transform=self.eval_transform, device=self.device,
-                    knn_k=self.config.knn_k, probe_epochs=self.config.probe_epochs, progress=self.config.progress,
+                    knn_k=self.config.knn_k, probe_epochs=self.config.probe_epochs, progress=self.show_progress,
                     which=self._metrics()))
             probe = summary.get("linear_probe")
             if isinstance(probe, dict):

@@ -15,10 +15,16 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from typing import Dict, List
 
-from .config import TrainConfig, build_config, config_from_dict, parse_value
+from .checkpoint import CheckpointError
+from .config import TrainConfig, UserError, build_config, config_from_dict, parse_value
+from .data.datasets import DatasetCorruptedError, DatasetNotFoundError
 from .methods import METHODS
+
+# Mistakes in what was asked for: one line on stderr and exit code 2 (--debug adds the traceback).
+USER_ERRORS = (UserError, DatasetNotFoundError, DatasetCorruptedError, CheckpointError)
 
 
 def _method_help() -> str:
@@ -46,14 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods:\n  " + _method_help() + "\n\ndatasets:\n  " + dataset_help().replace("\n", "\n  "))
-    parser.add_argument("--method", default="mae", choices=sorted(METHODS),
-                        help="training method (default: mae; the list below)")
+    parser.add_argument("--method", choices=sorted(METHODS), help="training method (default: mae; the list below)")
     presets = sorted({p for cls in METHODS.values() for p in cls.presets})
-    parser.add_argument("--preset", default="quick", choices=presets,
+    parser.add_argument("--preset", choices=presets,
                         help="quick: minutes on a laptop CPU (default); paper: the paper's recipe")
     parser.add_argument("--stage", help="multi-stage methods: run only this stage")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="digits",
+    data.add_argument("--dataset",
                       help="digits (embedded, default), shapes (procedural), cifar10, cifar100, svhn, stl10, "
                            "or imagefolder:/path/to/root")
     data.add_argument("--data-root", help="where torchvision datasets live (or are downloaded to)")
@@ -69,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--patch-size", type=int)
     model.add_argument("--init", help="initialise the encoder from a run folder or checkpoint (fine-tuning)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", help="run folder (default: runs/<method>-<dataset>-<time>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--out", help="run folder (default: runs/<method>-<dataset>-<time>); a folder that holds a run "
+                                   "is never overwritten without --overwrite")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint; only " + ", ".join(RESUMABLE_FLAGS)
+                          + " may differ from the run's config (any other flag that disagrees is an error)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over in an --out that holds a run (its run files are deleted once the new run "
+                          "has started)")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="mixed precision (default fp32)")
     run.add_argument("--device", help="auto (default: cuda when present), cpu, cuda, cuda:1")
     run.add_argument("--seed", type=int)
@@ -79,57 +90,106 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any other config field, e.g. --set warmup_epochs=5 --set metrics=knn")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     own = parser.add_argument_group("method settings (default: the preset's value; also --set KEY=VALUE)")
     for name, text in _settings().items():
         own.add_argument("--" + name.replace("_", "-"), type=parse_value, metavar="VALUE", help=text)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+# Flags a resumed run may change: how far to go, where it runs and how it shows progress.
+RESUMABLE_FLAGS = ("--epochs", "--max-steps", "--device", "--no-progress", "--stage")
+_RESUMABLE_KEYS = ("epochs", "max_steps", "device", "progress", "stage")
+
+
+def _overrides(args: argparse.Namespace) -> Dict:
+    """The values the user gave (None = not given), flat keys, --set included."""
     overrides = {
         "stage": args.stage, "dataset": args.dataset, "data_root": args.data_root, "download": args.download or None,
         "image_size": args.image_size,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
         "model": args.model, "patch_size": args.patch_size, "init": args.init,
-        "out": args.out, "resume": args.resume or None, "precision": args.precision, "device": args.device,
+        "out": args.out, "precision": args.precision, "device": args.device,
         "seed": args.seed, "max_steps": args.max_steps, "progress": False if args.no_progress else None,
         **{name: getattr(args, name) for name in _settings()},
     }
     for item in args.set:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_value(value)
+    return overrides
+
+
+def _resume_config(args: argparse.Namespace, overrides: Dict) -> TrainConfig:
+    """The stored config of the run in --out, with the few values a resume may change; any other flag that
+    disagrees with the run is an error naming it."""
+    if not args.out:
+        raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+    stored = os.path.join(args.out, "config.json")
+    if not os.path.isfile(stored):
+        raise UserError(f"--resume: {stored} not found; is {args.out} a vitfast run folder?")
+    with open(stored) as f:
+        config = config_from_dict(json.load(f), source=stored)
+    method = METHODS.get(config.method)
+    if not method.stages or config.stage:
+        checkpoint = os.path.join(args.out, "checkpoint-last.pt")
+        if not os.path.isfile(checkpoint):
+            raise UserError(f"--resume: {args.out} has config.json but no checkpoint-last.pt (the run stopped before "
+                            f"its first checkpoint); start it again with --overwrite")
+    given = {k: v for k, v in overrides.items() if v is not None and k not in _RESUMABLE_KEYS + ("out",)}
+    given.update({k: v for k, v in (("method", args.method), ("preset", args.preset)) if v is not None})
+    stored_values = {**config.flat(), "method": config.method}
+    for key, value in given.items():
+        if key not in stored_values:
+            raise UserError(f"--resume: {key} is not a setting of the run's method {config.method!r}")
+        if _normalised(value) != _normalised(stored_values[key]):
+            raise UserError(f"--resume: {key} = {value!r} conflicts with the run's {key} = {stored_values[key]!r} "
+                            f"({stored}); only {', '.join(RESUMABLE_FLAGS)} may change on resume")
+    changes = {k: overrides[k] for k in _RESUMABLE_KEYS if overrides.get(k) is not None}
+    return config.replace(**{"max_steps": None, **changes}, resume=True, out=args.out)
+
+
+def _normalised(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = _overrides(args)
     if args.resume:
-        if not args.out:
-            raise SystemExit("--resume needs --out RUN_DIR (the run to continue)")
-        stored = os.path.join(args.out, "config.json")
-        if not os.path.isfile(stored):
-            raise SystemExit(f"--resume: {stored} not found; is {args.out} a vitfast run folder?")
-        with open(stored) as f:
-            saved = json.load(f)
-        try:
-            config = config_from_dict(saved, source=stored)
-        except ValueError as error:
-            raise SystemExit(f"--resume: {error}")
-        # The stored run defines the config; only how far to go, where the folder now is and how to show it change.
-        changeable = ("epochs", "progress", "device", "resume", "stage")
-        changes = {k: overrides[k] for k in changeable if overrides.get(k) is not None}
-        return config.replace(**changes, max_steps=overrides.get("max_steps"), out=args.out)
-    try:
-        return build_config(args.method, args.preset, **overrides)
-    except ValueError as error:
-        raise SystemExit(str(error))
+        if args.overwrite:
+            raise UserError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
+        return _resume_config(args, overrides)
+    return build_config(args.method or "mae", args.preset or "quick", **overrides)
+
+
+def _report_user_error(error: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(error)
+    message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message held
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    if args.print_config:
-        print(config.to_json())
-        return 0
-    from .engine import run  # torch and the data stack load only when training
-    run(config)
+    try:
+        config = config_from_args(args)
+        if args.print_config:
+            print(config.to_json())
+            return 0
+        from .engine import Interrupted, run  # torch and the data stack load only when training
+        try:
+            run(config, overwrite=args.overwrite)
+        except Interrupted as stop:
+            if os.path.isfile(os.path.join(stop.out, "config.json")):
+                print(f"interrupted at step {stop.step}; resume with: python train.py --resume --out {stop.out}",
+                      file=sys.stderr, flush=True)
+            else:
+                print("interrupted before the first checkpoint; nothing was kept", file=sys.stderr, flush=True)
+            return 128 + stop.signal
+    except USER_ERRORS as error:
+        return _report_user_error(error, args.debug)
     return 0
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import UserError
+
 __all__ = [
     "ImageDataset", "DatasetInfo", "DATASETS", "load_splits", "dataset_help", "default_root",
     "make_shapes", "SHAPE_NAMES", "DatasetNotFoundError", "DatasetCorruptedError",
@@ -173,17 +175,17 @@ def load_splits(
     """
     del seed  # no split depends on the run's seed (module docstring)
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1, 3 or None, got {channels}")
+        raise UserError(f"channels must be 1, 3 or None, got {channels}")
     key, _, path = name.partition(":")
     key = key.lower().replace("-", "").replace("_", "")
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} (imagefolder as imagefolder:/path)")
+        raise UserError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} (imagefolder as imagefolder:/path)")
     if (num_train is not None or num_test is not None) and key != "shapes":
-        raise ValueError(f"num_train / num_test apply to the procedural 'shapes' dataset only, not {key!r}")
+        raise UserError(f"num_train / num_test apply to the procedural 'shapes' dataset only, not {key!r}")
     if download and not DATASETS[key].download:
-        raise ValueError(f"{key!r} cannot be downloaded: " + ("it is embedded or generated" if key != "imagefolder"
+        raise UserError(f"{key!r} cannot be downloaded: " + ("it is embedded or generated" if key != "imagefolder"
                          else "point imagefolder:/path at a folder you prepared"))
 
     if key == "digits":
@@ -197,7 +199,7 @@ def load_splits(
         elif key == "imagefolder":
             folder = path or root
             if not folder:
-                raise ValueError("imagefolder needs a folder: --dataset imagefolder:/path (or --data-root /path)")
+                raise UserError("imagefolder needs a folder: --dataset imagefolder:/path (or --data-root /path)")
             pool, test, class_names = _load_imagefolder(Path(os.path.expanduser(folder)), image_size)
         else:
             base = Path(os.path.expanduser(root or default_root()))
@@ -431,12 +433,20 @@ def _download(key: str, tv_class: str, root: Path) -> None:
         raise ImportError(f"downloading {key} needs torchvision: pip install torchvision") from error
     root.mkdir(parents=True, exist_ok=True)
     cls = getattr(tvd, tv_class)
-    if key in ("svhn", "stl10"):
-        for split in ("train", "test"):
-            cls(str(root), split=split, download=True)
-    else:
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
+    try:
+        if key in ("svhn", "stl10"):
+            for split in ("train", "test"):
+                cls(str(root), split=split, download=True)
+        else:
+            for train in (True, False):
+                cls(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as error:  # no network, refused, truncated or a failed checksum
+        urls = [getattr(cls, "url", None)] + [entry[0] for entry in getattr(cls, "split_list", {}).values()]
+        where = ", ".join(u for u in urls if u) or f"torchvision.datasets.{tv_class}"
+        subdir = _LAYOUTS[key][0]
+        raise DatasetNotFoundError(
+            f"downloading {key} failed ({type(error).__name__}: {error}); fetch {where} by hand and unpack it into "
+            f"{root / subdir if subdir else root}") from error
 
 
 def _unpickle(path: Path) -> dict:
@@ -590,7 +600,7 @@ def _decode_images(files: Sequence[Tuple[Path, int]], image_size: Optional[int])
         arrays = list(pool.map(lambda item: _decode_one(item[0], image_size), files))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"imagefolder: images of different sizes {sorted(shapes)[:4]}...; pass image_size "
+        raise UserError(f"imagefolder: images of different sizes {sorted(shapes)[:4]}...; pass image_size "
                          f"(--image-size) to resize them at load")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)

@@ -19,11 +19,11 @@ from .base import DataInfo, Method
 
 @dataclass
 class MAEConfig:
-    mask_ratio: float = setting(0.75, "fraction of the patches removed from the encoder's input")
+    mask_ratio: float = setting(0.75, "fraction of the patches removed from the encoder's input", within="[0, 1)")
     norm_pix: bool = setting(True, "reconstruct each patch normalised by its own mean and std")
-    decoder_dim: int = setting(64, "width of the MAE decoder")
-    decoder_depth: int = setting(2, "blocks of the MAE decoder")
-    decoder_heads: int = setting(4, "attention heads of the MAE decoder")
+    decoder_dim: int = setting(64, "width of the MAE decoder", within="[1, inf)")
+    decoder_depth: int = setting(2, "blocks of the MAE decoder", within="[0, inf)")
+    decoder_heads: int = setting(4, "attention heads of the MAE decoder", within="[1, inf)")
 
 
 class MAE(Method):

@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 from typing import Dict, Type, Union
 
-from ..config import SHARED_FIELDS
+from ..config import SHARED_FIELDS, UserError
 from .base import Method
 
 METHODS: Dict[str, Type[Method]] = {}
@@ -55,5 +55,5 @@ def register_method(method: Union[str, Type[Method]]) -> Type[Method]:
 
 def get_method(name: str) -> Type[Method]:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+        raise UserError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name]

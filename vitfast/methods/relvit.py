@@ -23,7 +23,8 @@ from .base import DataInfo, Method
 
 @dataclass
 class RelViTConfig:
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy (upstream: of the position tasks)")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy (upstream: of the position tasks)",
+                                   within="[0, 1]")
 
 
 class RelViT(Method):

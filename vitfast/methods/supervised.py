@@ -21,10 +21,10 @@ from .base import DataInfo, Method
 
 @dataclass
 class SupervisedConfig:
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
-    mixup: float = setting(0.0, "mixup Beta alpha (0 = off)")
-    cutmix: float = setting(0.0, "cutmix Beta alpha (0 = off)")
-    random_erasing: float = setting(0.0, "probability of erasing one rectangle per image")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", within="[0, 1]")
+    mixup: float = setting(0.0, "mixup Beta alpha (0 = off)", within="[0, inf)")
+    cutmix: float = setting(0.0, "cutmix Beta alpha (0 = off)", within="[0, inf)")
+    random_erasing: float = setting(0.0, "probability of erasing one rectangle per image", within="[0, 1]")
     autoaugment: bool = setting(False, "torchvision's CIFAR-10 AutoAugment policy (one draw per group of 8 images)")
 
 
