@@ -213,7 +213,7 @@ def test_gather_rows_with_grad(ranks):
 
 def test_unequal_rows_are_refused(ranks):
     for result in ranks:
-        assert "every rank must hold the same number of rows, got [3, 2]" in result["unequal"]
+        assert "gather_rows_with_grad: every rank must hold the same number of rows, got [3, 2]" in result["unequal"]
 
 
 def test_cached_backward_on_two_ranks_equals_one_process(ranks):

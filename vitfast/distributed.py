@@ -73,15 +73,17 @@ def _check_equal_rows(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: every rank must hold the same number of rows, got {found} (rank order)")
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, ...] of every rank concatenated in rank order [world·B, ...] (equal B everywhere; no gradient:
-    a loss that needs one uses :func:`gather_rows_with_grad`)."""
-    if world_size() == 1:
-        return x
-    _check_equal_rows(x, "gather_rows")
+def _all_gather_rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    _check_equal_rows(x, what)
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, ...] of every rank concatenated in rank order [world·B, ...] (equal B everywhere; no gradient:
+    a loss that needs one uses :func:`gather_rows_with_grad`)."""
+    return x if world_size() == 1 else _all_gather_rows(x, "gather_rows")
 
 
 class _GatherRowsWithGrad(torch.autograd.Function):
@@ -91,7 +93,7 @@ class _GatherRowsWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.rows = x.shape[0]
-        return gather_rows(x)
+        return _all_gather_rows(x, "gather_rows_with_grad")
 
     @staticmethod
     def backward(ctx, grad):
