@@ -186,8 +186,33 @@ def _mlp_splits(b, n, s) -> int:
         return math.ceil(n / 8)
 
 
+def _contrastive_loss(p: dict, s: int) -> List[dict]:
+    """NT-Xent on q, k [B, D]: anchors = pool = the 2B unit rows (A = M = 2B). The kernels read the pool once per
+    anchor tile (L2) and keep no [A, M] logits; the backward recomputes the scores from the saved lse and count."""
+    b, d = p["B"], p["D"]
+    rows = 2 * b
+    features, stats = rows * d * s, rows * 8 * 2 + rows * 8  # one [2B, D] matrix; labels (anchor, pool), self rows
+    scores = 2 * rows * rows * d
+    return [
+        # the op wrapper's glue (vitfast/ops/contrastive_loss.py): F.normalize of q and k (norm, clamp, div), the
+        # concatenations into anchors and pool, the labels; in the backward the two gradients of each row summed
+        # and normalize's backward
+        _launch("op: normalize q, k and cat into anchors, pool; labels", 3 * features, 3 * features + rows * 32,
+                count=12),
+        _launch("fwd: scores + online lse, positive sums and counts (pool re-read per anchor tile: L2)",
+                2 * features + stats, rows * 12, scores),
+        _launch("fwd: fixed-order fp64 sum of the per-anchor terms, cast", rows * 4 + 8, 8 + 4, count=2),
+        _launch("bwd d anchors: scores again from lse and count, ds @ pool", 2 * features + stats + rows * 8 + 4,
+                features, 2 * scores),
+        _launch("bwd d pool: scores again (transposed), ds^T @ anchors", 2 * features + stats + rows * 8 + 4,
+                features, 2 * scores),
+        _launch("op: sum of the two gradients of each row, normalize backward", 5 * features, 2 * features, count=6),
+    ]
+
+
 FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
-         "relation_loss": _relation_loss, "relation_mlp_loss": _relation_mlp_loss}
+         "relation_loss": _relation_loss, "relation_mlp_loss": _relation_mlp_loss,
+         "contrastive_loss": _contrastive_loss}
 
 
 def fused(op: str, shape: str, dtype: torch.dtype) -> dict:
