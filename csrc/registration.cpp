@@ -54,4 +54,16 @@ TORCH_LIBRARY(vitfast_C, m) {
   m.def("relation_mlp_loss_backward(Tensor grad_loss, Tensor count, Tensor u, Tensor v, Tensor weight, Tensor bias, "
         "Tensor? positions, Tensor? pair_mask, int grid_size, str task, str activation, float label_smoothing, "
         "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // contrastive_loss (NT-Xent, InfoNCE, SupCon; vitfast/ops/contrastive_loss.py): anchors [A,D], pool [M,D] (one
+  // dtype), anchor_labels [A], pool_labels [M], anchor_self [A] int64 (the anchor's own pool row, -1 if none)
+  // -> (loss [] opmath dtype, lse [A] opmath dtype (0 for anchors without positives), count [A] int32 = positives
+  // per anchor). No [A,M] logits stored.
+  m.def("contrastive_loss_forward(Tensor anchors, Tensor pool, Tensor anchor_labels, Tensor pool_labels, "
+        "Tensor anchor_self, float inv_temperature, float loss_scale) -> (Tensor, Tensor, Tensor)");
+  // (d_anchors, d_pool) in the inputs' dtype, the logits recomputed per tile from the saved lse and count; an output
+  // whose output_mask entry is false is empty.
+  m.def("contrastive_loss_backward(Tensor grad_loss, Tensor anchors, Tensor pool, Tensor anchor_labels, "
+        "Tensor pool_labels, Tensor anchor_self, Tensor lse, Tensor count, float inv_temperature, float loss_scale, "
+        "bool[2] output_mask) -> (Tensor, Tensor)");
 }

@@ -95,6 +95,31 @@ inline __attribute__((always_inline)) float exp_taylor(float r) {
   return p;
 }
 
+// exp(y) for y <= 0 in float, branch-free so that loops over it vectorise: n = round(y / ln2), |r| <= ln2 / 2,
+// exp_taylor<7>(r) * 2^n (relative error < 1e-8 before rounding). y < -87, -inf and NaN give 0; so does y > ~1.04
+// (callers pass max-shifted logits; a small positive rounding excess is still exp(y)). Forced inline: called from VITFAST_SIMD_CLONES loops, it must be compiled
+// into each per-target copy.
+inline __attribute__((always_inline)) float exp_nonpositive(float y) {
+  // n = round(y / ln2) as an integer; out of range (y < -87, -inf, NaN) gives 0 through the mask below, with no
+  // branch (a clamp to a constant gets the loop jump-threaded and no longer vectorised).
+  const int32_t minus_n = static_cast<int32_t>(0.5f - y * 1.44269504088896341f);  // >= 0: truncation is floor
+  const int32_t in_range = -static_cast<int32_t>(static_cast<uint32_t>(minus_n) <= 126u);  // all ones or zero
+  const int32_t m = minus_n & in_range;
+  const float n = -static_cast<float>(m);
+  const float r = (y - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  const float p = cpu::exp_taylor<7>(r);
+  const int32_t scale_bits = (127 - m) << 23;  // 2^-m, a normal float
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const float value = p * scale;
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= in_range;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 // x detached, contiguous, in the accumulation type T: raw-pointer kernels run below autograd, and fp16/bf16 are
 // widened once.
 template <typename T>

@@ -74,26 +74,7 @@ Problem problem(const at::Tensor& u, const at::Tensor& v, const at::Tensor& weig
 // Abramowitz & Stegun 7.1.26 (abs. error <= 1.5e-7), whose exp(-z^2) with z = |x|/sqrt(2) is also the GELU slope's
 // exp(-x^2/2). fp64 keeps std::erf / std::exp (gradcheck runs there).
 
-inline float exp_nonpositive(float y) {
-  // n = round(y / ln2) as an integer; out of range (y < -87, -inf, NaN) gives 0 through the mask below, with no
-  // branch (a clamp to a constant gets the loop jump-threaded and no longer vectorised).
-  const int32_t minus_n = static_cast<int32_t>(0.5f - y * 1.44269504088896341f);  // >= 0: truncation is floor
-  const int32_t in_range = -static_cast<int32_t>(static_cast<uint32_t>(minus_n) <= 126u);  // all ones or zero
-  const int32_t m = minus_n & in_range;
-  const float n = -static_cast<float>(m);
-  const float r = (y - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  const float p = cpu::exp_taylor<7>(r);
-  const int32_t scale_bits = (127 - m) << 23;  // 2^-m, a normal float
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof(scale));
-  const float value = p * scale;
-  int32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  bits &= in_range;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+using cpu::exp_nonpositive;  // common.h
 
 template <bool kSlope>
 inline __attribute__((always_inline)) void gelu_row(float u_k, const float* vt_k, int64_t n, float* h, float* slope) {

@@ -1,0 +1,322 @@
+// contrastive_loss on the CPU: NT-Xent / InfoNCE / SupCon in the kernel-level form of vitfast/ops/contrastive_loss.py
+// (anchors [A, D], pool [M, D], labels, anchor_self), without the [A, M] logits.
+//
+// The logits are made tile by tile, S[Ta, Tm] = inv_temperature * anchors[I] pool[J]^T, by one single-threaded BLAS
+// GEMM into a per-thread buffer that stays in L2, then consumed by a vectorised pass:
+//   forward:  work item = one anchor tile I, looping over the pool tiles J: per row an online log-sum-exp over the
+//             allowed columns (running max and rescaled sum) and the sum and count of the positive logits. Per-row
+//             losses are summed in row order in double: the same bits whatever the thread count.
+//   backward: S recomputed once per (I, J) from the saved lse and counts, overwritten with
+//             dS = w_a (allowed exp(s - lse_a) - positive / n_a), then d_anchors[I] (+)= dS pool[J] (one writer per
+//             row) and d_pool[J] += dS^T anchors[I]. d_pool is accumulated per group of consecutive anchor tiles
+//             (at most kPoolGroups groups, fixed by the problem size, not the thread count) and the group partials
+//             are summed in group order: bitwise reproducible whatever the thread count, O(kPoolGroups * M * D)
+//             scratch. inv_temperature is folded into the GEMMs' alpha.
+// Reduced precision (fp16/bf16) is converted to fp32 once; everything accumulates in fp32 (fp64 for fp64).
+#include "common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace vitfast {
+namespace {
+
+using cpu::gemm;
+
+// Tile shape: Ta anchor rows x Tm pool columns of logits (256 x 512 fp32 = 512 KB, in L2 between the GEMM and the
+// element-wise pass); both also are GEMM dimensions, large enough for the BLAS kernels to run near their peak.
+constexpr int64_t kAnchorRows = 256;
+constexpr int64_t kPoolColumns = 512;
+// Groups of anchor tiles with their own d_pool partial in the backward: the backward's parallelism, and its scratch
+// (kPoolGroups - 1 partials of [M, D]; group 0 writes into d_pool itself).
+constexpr int64_t kPoolGroups = 4;
+
+template <typename T>
+inline T exp_(T x) {
+  if constexpr (std::is_same_v<T, float>) return cpu::exp_nonpositive(x);
+  else return std::exp(x);
+}
+
+// ---- one tile of logits: s [rows, cols] (leading dimension ld), anchor rows row0.., pool columns col0.. ----------
+template <typename T>
+struct Tile {
+  T* s;
+  int64_t rows, cols, ld, col0;
+  const int64_t* anchor_labels;  // [rows] (offset to row0)
+  const int64_t* anchor_self;    // [rows] pool index of the anchor itself, or -1
+  const int64_t* pool_labels;    // [cols] (offset to col0)
+};
+
+// Per-row running statistics over the pool tiles seen so far.
+template <typename T>
+struct RowStats {
+  T* max;          // running max of the allowed logits (-inf before any)
+  T* sum;          // sum of exp(s - max) over the allowed logits
+  T* positive;     // sum of the positive logits
+  int32_t* count;  // number of positives
+};
+
+template <typename T>
+inline __attribute__((always_inline)) void tile_forward(const Tile<T>& t, const RowStats<T>& stats) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* __restrict s = t.s + r * t.ld;
+    const int64_t* __restrict labels = t.pool_labels;
+    const int64_t label = t.anchor_labels[r], own = t.anchor_self[r] - t.col0;  // own: column of the anchor, if here
+    T positive = 0, tile_max = kNegInf;
+    int32_t count = 0;
+#pragma omp simd reduction(+ : positive, count) reduction(max : tile_max)
+    for (int64_t c = 0; c < t.cols; ++c) {
+      const bool allowed = c != own;
+      const bool is_positive = allowed && labels[c] == label;
+      positive += is_positive ? s[c] : T(0);
+      count += is_positive ? 1 : 0;
+      tile_max = std::max(tile_max, allowed ? s[c] : kNegInf);
+    }
+    stats.positive[r] += positive;
+    stats.count[r] += count;
+    const T old_max = stats.max[r], new_max = std::max(old_max, tile_max);
+    if (new_max == kNegInf) continue;  // no allowed column yet (the anchor's own column alone)
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < t.cols; ++c) sum += c != own ? exp_<T>(s[c] - new_max) : T(0);
+    stats.sum[r] = (old_max == kNegInf ? T(0) : stats.sum[r] * exp_<T>(old_max - new_max)) + sum;
+    stats.max[r] = new_max;
+  }
+}
+
+// s := dS = weight_a (allowed exp(s - lse_a) - positive / n_a); weight_a = 0 (no positives) gives a zero row.
+template <typename T>
+inline __attribute__((always_inline)) void tile_backward(const Tile<T>& t, const T* lse, const int32_t* count,
+                                                         T weight) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    T* __restrict s = t.s + r * t.ld;
+    if (count[r] == 0) {
+      std::fill(s, s + t.cols, T(0));
+      continue;
+    }
+    const int64_t* __restrict labels = t.pool_labels;
+    const int64_t label = t.anchor_labels[r], own = t.anchor_self[r] - t.col0;
+    const T shift = lse[r], target = weight / static_cast<T>(count[r]);
+#pragma omp simd
+    for (int64_t c = 0; c < t.cols; ++c) {
+      const bool allowed = c != own;
+      const T softmax = allowed ? weight * exp_<T>(s[c] - shift) : T(0);
+      s[c] = softmax - (allowed && labels[c] == label ? target : T(0));
+    }
+  }
+}
+
+// The float passes are compiled per target (common.h: VITFAST_SIMD_CLONES).
+VITFAST_SIMD_CLONES void tile_forward_f32(const Tile<float>& t, const RowStats<float>& stats) {
+  tile_forward<float>(t, stats);
+}
+VITFAST_SIMD_CLONES void tile_backward_f32(const Tile<float>& t, const float* lse, const int32_t* count,
+                                           float weight) {
+  tile_backward<float>(t, lse, count, weight);
+}
+void tile_forward_any(const Tile<float>& t, const RowStats<float>& stats) { tile_forward_f32(t, stats); }
+void tile_forward_any(const Tile<double>& t, const RowStats<double>& stats) { tile_forward<double>(t, stats); }
+void tile_backward_any(const Tile<float>& t, const float* lse, const int32_t* count, float weight) {
+  tile_backward_f32(t, lse, count, weight);
+}
+void tile_backward_any(const Tile<double>& t, const double* lse, const int32_t* count, double weight) {
+  tile_backward<double>(t, lse, count, weight);
+}
+
+// ---- problem ----------------------------------------------------------------------------------------------------
+struct Problem {
+  int64_t anchors, pool, dim;
+  cpu::RowTiles anchor_tiles;
+  const int64_t *anchor_labels, *pool_labels, *anchor_self;
+};
+
+Problem problem(const at::Tensor& anchors, const at::Tensor& pool, const at::Tensor& anchor_labels,
+                const at::Tensor& pool_labels, const at::Tensor& anchor_self) {
+  TORCH_CHECK(anchors.dim() == 2, "anchors must be [A, D], got ", anchors.sizes());
+  TORCH_CHECK(pool.dim() == 2 && pool.size(1) == anchors.size(1) && pool.scalar_type() == anchors.scalar_type(),
+              "pool must be [M, D] in anchors' dtype with D = ", anchors.size(1), ", got ", pool.scalar_type(), " ",
+              pool.sizes());
+  Problem p{};
+  p.anchors = anchors.size(0), p.pool = pool.size(0), p.dim = anchors.size(1);
+  const auto check_index = [](const at::Tensor& x, const char* name, int64_t n, const char* shape) {
+    TORCH_CHECK(x.scalar_type() == at::kLong && x.is_contiguous() && x.dim() == 1 && x.size(0) == n, name,
+                " must be contiguous int64 ", shape, ", got ", x.scalar_type(), " ", x.sizes());
+    return x.const_data_ptr<int64_t>();
+  };
+  p.anchor_labels = check_index(anchor_labels, "anchor_labels", p.anchors, "[A]");
+  p.pool_labels = check_index(pool_labels, "pool_labels", p.pool, "[M]");
+  p.anchor_self = check_index(anchor_self, "anchor_self", p.anchors, "[A]");
+  p.anchor_tiles = cpu::balanced_row_tiles(p.anchors, kAnchorRows);
+  return p;
+}
+
+// The logits of anchor rows [row0, row0 + rows) against pool columns [col0, col0 + cols) into s (ld kPoolColumns).
+template <typename T>
+Tile<T> tile_logits(const Problem& p, bool blas, const T* a, const T* b, T inv_temperature, T* s, int64_t row0,
+                    int64_t col0) {
+  Tile<T> t{s, std::min(p.anchor_tiles.rows, p.anchors - row0), std::min(kPoolColumns, p.pool - col0),
+            kPoolColumns, col0, p.anchor_labels + row0, p.anchor_self + row0, p.pool_labels + col0};
+  gemm<T>(blas, false, true, t.rows, t.cols, p.dim, inv_temperature, a + row0 * p.dim, p.dim, b + col0 * p.dim,
+          p.dim, T(0), s, kPoolColumns);
+  return t;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& anchors_in, const at::Tensor& pool_in,
+                                                            const Problem& p, double inv_temperature,
+                                                            double loss_scale) {
+  const at::Tensor anchors = cpu::as_acc<T>(anchors_in), pool = cpu::as_acc<T>(pool_in);
+  const bool blas = cpu::blas_available(anchors.scalar_type());
+  const T* a = anchors.const_data_ptr<T>();
+  const T* b = pool.const_data_ptr<T>();
+  at::Tensor lse = at::empty({p.anchors}, anchors.options());
+  at::Tensor count = at::empty({p.anchors}, anchors.options().dtype(at::kInt));
+  std::vector<T> row_loss(p.anchors);
+  T* lse_p = lse.data_ptr<T>();
+  int32_t* count_p = count.data_ptr<int32_t>();
+  const int64_t tile_rows = p.anchor_tiles.rows;
+  at::parallel_for(0, p.anchor_tiles.count, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> s(tile_rows * kPoolColumns), max(tile_rows), sum(tile_rows), positive(tile_rows);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row0 = i * tile_rows, rows = std::min(tile_rows, p.anchors - row0);
+      std::fill(max.begin(), max.end(), -std::numeric_limits<T>::infinity());
+      std::fill(sum.begin(), sum.end(), T(0));
+      std::fill(positive.begin(), positive.end(), T(0));
+      std::fill(count_p + row0, count_p + row0 + rows, 0);
+      const RowStats<T> stats{max.data(), sum.data(), positive.data(), count_p + row0};
+      for (int64_t col0 = 0; col0 < p.pool; col0 += kPoolColumns) {
+        tile_forward_any(tile_logits<T>(p, blas, a, b, static_cast<T>(inv_temperature), s.data(), row0, col0),
+                         stats);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t n = count_p[row0 + r];
+        // max is finite when n > 0 (a positive is an allowed column); lse and the loss are 0 without positives.
+        const T value = n > 0 ? max[r] + std::log(sum[r]) : T(0);
+        lse_p[row0 + r] = value;
+        row_loss[row0 + r] = n > 0 ? value - positive[r] / static_cast<T>(n) : T(0);
+      }
+    }
+  });
+  double total = 0;  // row order: the same bits whatever the thread count
+  for (int64_t r = 0; r < p.anchors; ++r) total += static_cast<double>(row_loss[r]);
+  at::Tensor loss = at::full({}, loss_scale * total, anchors.options());
+  return {loss, lse, count};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& anchors, const at::Tensor& pool,
+                                                       const at::Tensor& anchor_labels, const at::Tensor& pool_labels,
+                                                       const at::Tensor& anchor_self, double inv_temperature,
+                                                       double loss_scale) {
+  const Problem p = problem(anchors, pool, anchor_labels, pool_labels, anchor_self);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "contrastive_loss_forward", [&] {
+    out = forward_impl<at::opmath_type<scalar_t>>(anchors, pool, p, inv_temperature, loss_scale);
+  });
+  return out;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> backward_impl(double grad, const at::Tensor& anchors_in, const at::Tensor& pool_in,
+                                                 const at::Tensor& lse_in, const at::Tensor& count_in,
+                                                 const Problem& p, double inv_temperature, double loss_scale,
+                                                 bool need_anchors, bool need_pool) {
+  const at::Tensor anchors = cpu::as_acc<T>(anchors_in), pool = cpu::as_acc<T>(pool_in);
+  const at::Tensor lse = cpu::as_acc<T>(lse_in), count = count_in.contiguous();
+  const bool blas = cpu::blas_available(anchors.scalar_type());
+  const T* a = anchors.const_data_ptr<T>();
+  const T* b = pool.const_data_ptr<T>();
+  const T* lse_p = lse.const_data_ptr<T>();
+  const int32_t* count_p = count.const_data_ptr<int32_t>();
+  const T inv_t = static_cast<T>(inv_temperature), weight = static_cast<T>(grad * loss_scale);
+  const int64_t tiles = p.anchor_tiles.count, tile_rows = p.anchor_tiles.rows;
+  // Without d_pool every anchor tile is its own group (all independent); with it, at most kPoolGroups groups.
+  const int64_t groups = need_pool ? std::min(tiles, kPoolGroups) : tiles;
+  // Zero-filled only when a side is empty (no GEMM then writes them).
+  const auto make = [&](bool needed, const at::Tensor& like) {
+    if (!needed) return at::Tensor();
+    return p.anchors == 0 || p.pool == 0 ? at::zeros(like.sizes(), like.options())
+                                         : at::empty(like.sizes(), like.options());
+  };
+  at::Tensor d_anchors = make(need_anchors, anchors), d_pool = make(need_pool, pool);
+  at::Tensor d_pool_parts = need_pool && groups > 1 ? at::empty({groups - 1, p.pool, p.dim}, pool.options())
+                                                    : at::Tensor();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<T> s(tile_rows * kPoolColumns);
+    for (int64_t g = g0; g < g1; ++g) {
+      T* d_pool_g = !need_pool ? nullptr
+                    : g == 0   ? d_pool.data_ptr<T>()
+                               : d_pool_parts.data_ptr<T>() + (g - 1) * p.pool * p.dim;
+      const int64_t first = g * tiles / groups, last = (g + 1) * tiles / groups;
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t row0 = i * tile_rows;
+        for (int64_t col0 = 0; col0 < p.pool; col0 += kPoolColumns) {
+          const Tile<T> t = tile_logits<T>(p, blas, a, b, inv_t, s.data(), row0, col0);
+          tile_backward_any(t, lse_p + row0, count_p + row0, weight);
+          if (need_anchors) {  // d_anchors[I] (+)= inv_t dS pool[J]
+            gemm<T>(blas, false, false, t.rows, p.dim, t.cols, inv_t, t.s, t.ld, b + col0 * p.dim, p.dim,
+                    col0 > 0 ? T(1) : T(0), d_anchors.data_ptr<T>() + row0 * p.dim, p.dim);
+          }
+          if (need_pool) {  // d_pool[J] (+)= inv_t dS^T anchors[I]
+            gemm<T>(blas, true, false, t.cols, p.dim, t.rows, inv_t, t.s, t.ld, a + row0 * p.dim, p.dim,
+                    i > first ? T(1) : T(0), d_pool_g + col0 * p.dim, p.dim);
+          }
+        }
+      }
+    }
+  });
+  if (need_pool && groups > 1) {  // d_pool += the other groups' partials, in group order
+    T* out = d_pool.data_ptr<T>();
+    const T* parts = d_pool_parts.const_data_ptr<T>();
+    const int64_t size = p.pool * p.dim;
+    at::parallel_for(0, size, 16384, [&](int64_t e0, int64_t e1) {
+      for (int64_t g = 0; g < groups - 1; ++g) {
+        const T* __restrict part = parts + g * size;
+        T* __restrict dst = out;
+#pragma omp simd
+        for (int64_t e = e0; e < e1; ++e) dst[e] += part[e];
+      }
+    });
+  }
+  return {d_anchors, d_pool};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const at::Tensor& anchors,
+                                            const at::Tensor& pool, const at::Tensor& anchor_labels,
+                                            const at::Tensor& pool_labels, const at::Tensor& anchor_self,
+                                            const at::Tensor& lse, const at::Tensor& count, double inv_temperature,
+                                            double loss_scale, std::array<bool, 2> output_mask) {
+  const auto [need_anchors, need_pool] = output_mask;
+  const Problem p = problem(anchors, pool, anchor_labels, pool_labels, anchor_self);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == p.anchors, "lse must be [A] = [", p.anchors, "], got ", lse.sizes());
+  TORCH_CHECK(count.scalar_type() == at::kInt && count.dim() == 1 && count.size(0) == p.anchors,
+              "count must be int32 [A] = [", p.anchors, "], got ", count.scalar_type(), " ", count.sizes());
+  const double grad = grad_loss.item<double>();
+  at::Tensor d_anchors, d_pool;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "contrastive_loss_backward", [&] {
+    std::tie(d_anchors, d_pool) = backward_impl<at::opmath_type<scalar_t>>(
+        grad, anchors, pool, lse, count, p, inv_temperature, loss_scale, need_anchors, need_pool);
+  });
+  return {cpu::requested(d_anchors, need_anchors, anchors), cpu::requested(d_pool, need_pool, pool)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitfast_C, CPU, m) {
+  m.impl("contrastive_loss_forward", &forward);
+  m.impl("contrastive_loss_backward", &backward);
+}
+
+}  // namespace vitfast
