@@ -220,6 +220,12 @@ def _layout(q: Tensor, k: Optional[Tensor], positives: str, labels: Optional[Ten
     return anchors, pool, anchor_labels, pool_labels, anchor_self
 
 
+def _normalize(x: Tensor) -> Tensor:
+    """Unit rows in x's dtype, computed in the accumulation dtype: the rows are rounded once, and the gradient
+    through the normalisation (a difference of nearly equal terms) is formed in fp32, not in fp16 / bf16."""
+    return F.normalize(x.to(accumulation_dtype(x.dtype)), dim=1).to(x.dtype)
+
+
 def _gather_labels(labels: Tensor) -> Tensor:
     from ..distributed import gather_rows  # noqa: PLC0415 (the no-gradient gather; labels are integers)
     return gather_rows(labels)
@@ -258,7 +264,7 @@ def contrastive_loss(q: Tensor, k: Optional[Tensor] = None, *, temperature: floa
         q, k = q.to(dtype), (k.to(dtype) if k is not None else None)
     check.same_dtype("q", q, k=k)
     if normalize:
-        q, k = F.normalize(q, dim=1), (F.normalize(k, dim=1) if k is not None else None)
+        q, k = _normalize(q), (_normalize(k) if k is not None else None)
 
     anchors, pool, anchor_labels, pool_labels, anchor_self = _layout(q, k, positives, labels, gather)
     chosen = BACKENDS.select(device, q.dtype, backend)
