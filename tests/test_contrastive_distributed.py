@@ -85,6 +85,15 @@ def supcon_fn(labels, gather):
     return lambda z0, z1: loss(torch.stack([z0, z1], dim=1), labels)
 
 
+def unlabelled_features():
+    return torch.randn(BATCH, 3, DIM, generator=torch.Generator().manual_seed(7))  # 3 views
+
+
+def unlabelled_loss(gather):
+    from vitfast.nn import SupConLoss
+    return lambda features: SupConLoss(temperature=0.1, gather_distributed=gather)(features)
+
+
 def _worker(rank, port, out_dir):
     try:
         import torch.distributed as dist
@@ -111,6 +120,11 @@ def _worker(rank, port, out_dir):
                                                                      gather_distributed=True)
                 finally:
                     op_module.gather_rows_with_grad = right
+
+        # SupConLoss without labels: each image its own class, unique over the gathered batch.
+        features = local_part(unlabelled_features(), rank).clone().requires_grad_()
+        loss = unlabelled_loss(True)(features)
+        results["unlabelled"] = (loss.detach(), torch.autograd.grad(loss / WORLD, features)[0])
 
         # gather_rows_with_grad on its own: rank order forward, summed-then-sliced backward.
         x = ((rank + 1) * torch.arange(6.0).view(3, 2)).requires_grad_()
@@ -226,3 +240,12 @@ def test_cached_backward_on_two_ranks_equals_one_process(ranks):
     for rank, result in enumerate(ranks):
         for got, expected in zip(result["cached"][1], want):
             assert normwise(got, expected) <= TOLERANCE, rank
+
+
+def test_supcon_without_labels_on_two_ranks(ranks):
+    """labels=None: rank r's images get classes r*B/2 ... (no two ranks share one), as one process numbers them."""
+    features = unlabelled_features().requires_grad_()
+    loss = unlabelled_loss(False)(features)
+    (want,) = torch.autograd.grad(loss, features)
+    assert normwise(torch.stack([r["unlabelled"][0] for r in ranks]).mean(), loss.detach()) <= TOLERANCE
+    assert normwise(torch.cat([r["unlabelled"][1] for r in ranks]), want) <= TOLERANCE

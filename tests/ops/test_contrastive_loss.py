@@ -282,7 +282,8 @@ def test_edge_cases_finite_and_right(backend, dtype, kind, assert_close):
     if kind == "all-singletons":  # exactly zero, not merely small
         assert loss.item() == 0 and all(bool((g == 0).all()) for g in grads)
     if kind == "identical-rows":  # every gradient is parallel to the row: normalisation's projection makes it 0
-        assert all(g.abs().max().item() <= 10 * torch.finfo(dtype).eps for g in grads), grads
+        # (the projection is formed in fp32: what is left is fp32 rounding, against gradients of O(1) otherwise)
+        assert all(g.abs().max().item() <= 1e-6 for g in grads), grads
         grads, want = (), want[:1]
     if kind == "large-logits":
         # The loss is the difference of two ~1e4 logits: compare to the fp64 loss relative to the logits' size.
