@@ -4,7 +4,8 @@
     loss = contrastive_loss(z1, z2, temperature=0.5, positives="ntxent")                     # SimCLR
     loss = contrastive_loss(z1, z2, temperature=0.1, positives="labels", labels=y)          # SupCon, two views
 
-Math (docs/methods.md §7). Rows are L2-normalised first (``normalize=True``); every similarity is
+Math (docs/methods.md §7). Rows are L2-normalised first (``normalize=True``; in fp32, then rounded once to the input
+dtype, so that the normalisation's backward is formed in fp32 too); every similarity is
 s = <anchor, pool row> / temperature. Each anchor a has a pool of columns A(a) (every pool row except, where the anchor
 is itself in the pool, its own row) and positives P(a) ⊂ A(a):
 
