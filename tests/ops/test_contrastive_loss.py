@@ -370,7 +370,7 @@ def test_gather_on_one_process_is_the_plain_loss():
 
 # ---- registration: opcheck, torch.compile, autocast ----
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("mode", ["diagonal", "labels"])
 def test_opcheck(backend, mode):
     skip_unless_runs(backend, F32)
