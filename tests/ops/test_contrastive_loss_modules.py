@@ -61,7 +61,8 @@ def test_infonce_module_is_mocov3():
 
 
 def test_supcon_module_rejects_other_ranks():
-    with pytest.raises(ValueError, match=r"SupConLoss: features must be \[B, D\] or \[B, n_views, D\], got \[2, 2, 2, 2\]"):
+    message = r"SupConLoss: features must be \[B, D\] or \[B, n_views, D\], got \[2, 2, 2, 2\]"
+    with pytest.raises(ValueError, match=message):
         SupConLoss()(torch.randn(2, 2, 2, 2), torch.arange(2))
 
 
