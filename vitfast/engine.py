@@ -221,9 +221,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"batch_size {c.batch_size} x {self.dist.world_size} process(es) is larger than the "
-                            f"training split ({len(train)} images): no full batch per epoch")
         self.method.steps_per_epoch = self.steps_per_epoch  # for the method's per-epoch schedules
         self.total_steps = c.epochs * self.steps_per_epoch
         self.step = 0

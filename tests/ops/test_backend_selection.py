@@ -187,6 +187,23 @@ def test_available_backends():
         available_backends("nope")
 
 
+def test_built_backends_that_need_a_device_are_listed_apart(monkeypatch):
+    """available_backends() lists what runs now; a CUDA build without a GPU, or Triton without a GPU and without
+    the interpreter, is reported by backends_needing_a_device() instead, with what it needs."""
+    monkeypatch.setattr(_backend, "triton_interpreter", lambda: False)
+    runnable, waiting = vitfast.ops.available_backends(), vitfast.ops.backends_needing_a_device()
+    assert not set(runnable) & set(waiting)
+    if not torch.cuda.is_available():
+        assert "triton" not in runnable and "cuda" not in runnable
+        if _backend._triton_importable():
+            assert "needs a CUDA GPU" in waiting["triton"]
+        if any(_backend._has_kernel(table(op).native[0], "CUDA") for op in OPS if table(op).native):
+            assert waiting["cuda"] == "built; needs a CUDA GPU (none is visible)"
+    monkeypatch.setattr(_backend, "triton_interpreter", lambda: True)
+    if _backend._triton_importable():
+        assert "triton" in vitfast.ops.available_backends() and "triton" not in vitfast.ops.backends_needing_a_device()
+
+
 # ---- kernels/ stands alone ----
 
 def _imports_vitfast_ops(source: str) -> bool:

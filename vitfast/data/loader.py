@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import UserError
 from .datasets import ImageDataset
 
 __all__ = ["BatchLoader", "epoch_permutation"]
@@ -61,7 +62,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.global_batch = self.batch_size * self.world_size
         if drop_last and len(dataset) < self.global_batch:
-            raise ValueError(f"BatchLoader: {dataset.name} has {len(dataset)} images, fewer than one global batch of "
+            raise UserError(f"{dataset.name} has {len(dataset)} training images, fewer than one global batch of "
                              f"{self.global_batch} (batch_size {batch_size} x world_size {world_size}) with "
                              f"drop_last=True; lower the batch size")
         if preload is None:

@@ -1,8 +1,9 @@
 """Fused ops. Each op lives in its own module with its reference; importing it registers it.
 
-``available_backends(op=None)`` lists the backends usable on this install.
+``available_backends(op=None)`` lists the backends that can run on this machine now;
+``backends_needing_a_device(op=None)`` those built or installed that need a device that is not here.
 """
-from ._backend import ENV_VAR, available_backends
+from ._backend import ENV_VAR, available_backends, backends_needing_a_device
 from .contrastive_loss import contrastive_loss, contrastive_loss_reference
 from .masked_patch_embed import masked_patch_embed, masked_patch_embed_reference
 from .masked_pixel_loss import MaskedPixelLoss, masked_pixel_loss, masked_pixel_loss_reference
@@ -11,7 +12,7 @@ from .relation_loss import relation_logits, relation_loss, relation_loss_referen
 from .relation_mlp_loss import relation_mlp_loss, relation_mlp_loss_reference, relation_mlp_outputs, relation_offsets
 
 __all__ = [
-    "ENV_VAR", "available_backends",
+    "ENV_VAR", "available_backends", "backends_needing_a_device",
     "contrastive_loss", "contrastive_loss_reference",
     "masked_patch_embed", "masked_patch_embed_reference",
     "masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss",

@@ -116,12 +116,18 @@ class OpBackends:
         return on_device and _triton_importable()
 
     def available(self) -> List[str]:
-        """Backends installed for this op on this machine (any device)."""
+        """Backends of this op that can run on this machine now (on some device it has)."""
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-        names = [n for n in BACKENDS if any(self.runs_on(n, d) for d in devices)]
-        if "cuda" not in names and "cuda" in self.dtypes and _has_kernel(self.native[0], "CUDA"):
-            names.append("cuda")  # built, though no GPU is visible now
-        return names
+        return [n for n in BACKENDS if any(self.runs_on(n, d) for d in devices)]
+
+    def needing_a_device(self) -> Dict[str, str]:
+        """Backends of this op that are built or installed but cannot run here now: name -> what they need."""
+        runnable, missing = self.available(), {}
+        if "cuda" in self.dtypes and "cuda" not in runnable and _has_kernel(self.native[0], "CUDA"):
+            missing["cuda"] = "built; needs a CUDA GPU (none is visible)"
+        if "triton" in self.dtypes and "triton" not in runnable and _triton_importable():
+            missing["triton"] = "installed; needs a CUDA GPU (or TRITON_INTERPRET=1: the slow CPU interpreter, for tests)"
+        return missing
 
     def select(self, device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> str:
         """Resolve the backend for a call on ``device`` with inputs of ``dtype``; warn once when falling back."""
@@ -181,17 +187,34 @@ def _select(op_name: str, device_type: str, dtype: torch.dtype, requested: Optio
 def _warn_fallback(op_name: str, wanted: str, chosen: str, reason: str) -> None:
     warnings.warn(
         f"vitfast.ops.{op_name}: backend {wanted!r} {reason}; falling back to {chosen!r} "
-        f"(vitfast.ops.available_backends() lists what is installed)",
+        f"(vitfast.ops.available_backends() lists what runs here)",
         RuntimeWarning,
         stacklevel=5,
     )
 
 
+def _tables(op: Optional[str]) -> List[OpBackends]:
+    if op is None:
+        return list(_REGISTRY.values())
+    if op not in _REGISTRY:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
+    return [_REGISTRY[op]]
+
+
 def available_backends(op: Optional[str] = None) -> List[str]:
-    """Backends usable on this install: for one op, or those any op offers."""
-    if op is not None:
-        if op not in _REGISTRY:
-            raise ValueError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
-        return _REGISTRY[op].available()
-    found = {n for table in _REGISTRY.values() for n in table.available()}
+    """Backends that can run on this machine now: for one op, or those any op offers (what is built but needs a
+    device that is not here is listed by :func:`backends_needing_a_device`)."""
+    found = {n for table in _tables(op) for n in table.available()}
     return [n for n in BACKENDS if n in found]
+
+
+def backends_needing_a_device(op: Optional[str] = None) -> Dict[str, str]:
+    """Backends built or installed on this machine that cannot run now, with what they need (e.g. the ``cuda``
+    backend of a CUDA build on a machine without a GPU)."""
+    runnable = available_backends(op)
+    found = {}
+    for table in _tables(op):
+        for name, need in table.needing_a_device().items():
+            if name not in runnable:
+                found.setdefault(name, need)
+    return {n: found[n] for n in BACKENDS if n in found}
