@@ -99,7 +99,9 @@ def test_probe_freezes_the_encoder(tmp_path):
         assert torch.equal(value, before[name]) != name.startswith("head."), name
     assert all(p.grad is None and not p.requires_grad for n, p in model.named_parameters() if not n.startswith("head."))
     trainer.method.train()
-    assert not model.training and trainer.method.training
+    assert not model.blocks.training and model.head.training and trainer.method.training
+    assert [type(layer).__name__ for layer in model.head] == ["BatchNorm1d", "Linear"] and not model.head[0].affine
+    assert trainer.method.train_views.name == "eval"  # frozen features of the un-augmented images
 
 
 def test_second_stage_starts_from_the_supcon_encoder(tmp_path):
@@ -112,7 +114,8 @@ def test_second_stage_starts_from_the_supcon_encoder(tmp_path):
         config = build_config("lacvit", "quick", stage=stage, out=str(tmp_path / stage), epochs=1,
                               init=str(tmp_path / "supcon"), **TINY)
         trainer = Trainer(config)
-        assert trainer.init_report["skipped"] == ["head.bias", "head.weight"]
+        skipped = trainer.init_report["skipped"]  # the new classifier (probe: BatchNorm without affine + Linear)
+        assert skipped and all(name.startswith("head.") for name in skipped), skipped
         for name, value in trainer.method.model.state_dict().items():
             if not name.startswith("head."):
                 assert torch.equal(value, stored[name]), name

@@ -4,8 +4,9 @@ Stages (one command runs ``supcon`` → ``probe`` and the ``baseline``; ``--stag
   supcon    the whole encoder (from ``--init`` or from scratch) + projection head Linear(D, D) → ReLU →
             Linear(D, 128) → normalise, SupCon loss over the two views of ``augment.supcon_views`` (τ = 0.1,
             the τ/τ_base factor, the whole batch gathered over ranks as the pool)
-  probe     the supcon encoder frozen (no gradient, eval mode) + a linear classifier, CE (the released code's
-            stage 2); the default second stage: cheap, and a direct read-out of what stage 1 learned
+  probe     the supcon encoder frozen (no gradient, eval mode) + BatchNorm without affine + a linear classifier
+            (the evaluation's probe head) trained with CE on the un-augmented images: the released code's stage 2,
+            and the default second stage (cheap, and a direct read-out of what stage 1 learned)
   finetune  the supcon encoder + a linear classifier, all trained with CE (what the paper calls stage 2);
             ``--stage finetune`` runs it from the sibling supcon folder (or ``--init RUN_DIR``)
   baseline  the finetune stage from random weights for as many epochs as supcon + probe together: the
@@ -18,7 +19,7 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import setting
 from ..data import augment
@@ -51,10 +52,11 @@ class LaCViT(Method):
     Config = LaCViTConfig
     presets = {
         # The quick supervised model (96 wide x 4 blocks, patch 8), mean-pooled features; supcon 40 epochs, then
-        # the probe 10 epochs; the baseline gets 50 epochs of CE from random weights.
+        # the probe 10 epochs (lr 1e-2: 3e-3 tied on val and trained less far); the baseline gets 50 epochs of CE
+        # from random weights.
         "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, batch_size=64,
                       lr=1e-3, warmup_epochs=5, weight_decay=0.05, grad_clip=1.0, global_pool="avg",
-                      stage_overrides=_stage_epochs(40, 10, probe=dict(lr=3e-3, warmup_epochs=1, weight_decay=0.0),
+                      stage_overrides=_stage_epochs(40, 10, probe=dict(lr=1e-2, warmup_epochs=1, weight_decay=0.0),
                                                     baseline=dict(label_smoothing=0.1),
                                                     finetune=dict(label_smoothing=0.1))),
         # docs/methods.md §4.2: a pre-trained ViT-B/16 (pass its run with --init) at 224 px, 500 epochs of stage 1,
@@ -87,13 +89,19 @@ class LaCViT(Method):
             # The pool is the whole batch, gathered over ranks with gradient (docs/methods.md §4.3).
             self.criterion = SupConLoss(s.supcon_temperature, s.base_temperature, gather_distributed=True)
             self.train_views = augment.supcon_views(size, data.mean, data.std)
+        elif stage == "probe":  # frozen features of the un-augmented images, as the evaluation's linear probe
+            self.train_views = augment.eval_transform(size, data.mean, data.std)
         else:
             self.train_views = augment.supervised_train(size, data.mean, data.std)
         if config.augment == "none":
             self.train_views = augment.eval_transform(size, data.mean, data.std)
         if stage == "probe":  # only the classifier learns
             for name, param in self.model.named_parameters():
-                param.requires_grad_(name.startswith("head."))
+                param.requires_grad_(False)
+            # BatchNorm without affine then Linear, as the evaluation's linear probe (docs/methods.md §8.2): it only
+            # standardises the frozen features (and folds into the Linear at inference).
+            self.model.head = nn.Sequential(nn.BatchNorm1d(self.model.embed_dim, affine=False), self.model.head)
+            self.model.head.requires_grad_(True)
 
     @property
     def encoder(self):
@@ -104,6 +112,7 @@ class LaCViT(Method):
         super().train(mode)
         if self.stage == "probe":
             self.model.eval()
+            self.model.head.train(mode)
         return self
 
     def forward(self, images, labels, indices, generator) -> Tuple[Tensor, Dict[str, float]]:
