@@ -1,6 +1,6 @@
 """MoCo v3 (Chen, Xie, He 2021; docs/methods.md §7.2 and §3.2): a momentum teacher and symmetric InfoNCE.
 
-    q¹ = pred(proj(f(x¹))), q² = pred(proj(f(x²)))         student: encoder f (through encode_view), projector, predictor
+    q¹ = pred(proj(f(x¹))), q² = pred(proj(f(x²)))         student: encoder f (encode_view), projector, predictor
     k¹ = proj_t(f_t(x¹)),   k² = proj_t(f_t(x²))             teacher: EMA of f and proj, no gradient
     loss = 2τ·InfoNCE(q¹, k²) + 2τ·InfoNCE(q², k¹),  τ = 0.2, keys gathered over ranks
 
@@ -29,14 +29,19 @@ __all__ = ["MoCoV3", "MoCoV3Config"]
 
 @dataclass
 class MoCoV3Config:
-    temperature: float = setting(0.2, "softmax temperature of the InfoNCE loss (the loss is multiplied by 2·tau)")
-    momentum: float = setting(0.99, "teacher EMA momentum at the start; it rises to 1 on a cosine schedule")
-    proj_hidden_dim: int = setting(4096, "hidden width of the 3-layer projector")
-    proj_dim: int = setting(256, "output width of the projector (and the predictor)")
-    pred_hidden_dim: int = setting(4096, "hidden width of the 2-layer predictor")
-    random_patch_projection: bool = setting(False, "freeze the randomly initialised patch embedding (MoCo v3 §4.2)")
-    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops")
-    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8")
+    temperature: float = setting(0.2, "softmax temperature of the InfoNCE loss (the loss is multiplied by 2·tau)",
+                                  within="(0, inf)")
+    momentum: float = setting(0.99, "teacher EMA momentum at the start; it rises to 1 on a cosine schedule",
+                               within="[0, 1]")
+    proj_hidden_dim: int = setting(4096, "hidden width of the 3-layer projector", within="[1, inf)")
+    proj_dim: int = setting(256, "output width of the projector (and the predictor)", within="[1, inf)")
+    pred_hidden_dim: int = setting(4096, "hidden width of the 2-layer predictor", within="[1, inf)")
+    random_patch_projection: bool = setting(False, "freeze the randomly initialised patch embedding (MoCo v3's "
+                                                   "random patch projection)")
+    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops", within="(0, 1]")
+    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8",
+                                     within="[0, inf)")
+    flip: bool = setting(True, "random horizontal flips in the views")
 
 
 class MoCoV3(TwoViewMethod):
@@ -48,9 +53,9 @@ class MoCoV3(TwoViewMethod):
         # The MAE quick encoder (96 wide x 4 blocks, patch 8) on digits, heads 256 wide; tuned for k-NN within the
         # time budget.
         "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, epochs=40,
-                      batch_size=128, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
+                      batch_size=64, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
                       temperature=0.2, momentum=0.99, proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256,
-                      min_crop_scale=0.3, jitter_strength=0.5),
+                      min_crop_scale=0.5, jitter_strength=0.5, flip=False),
         # docs/methods.md §7.2 / §3.2, MoCo v3's ViT recipe (Chen et al. 2021, App. and the released main_moco.py):
         # AdamW, lr 1.5e-4·batch/256, weight decay 0.1, 40 warm-up epochs, 300 epochs, batch 4096, tau 0.2,
         # momentum 0.99 -> 1 (cosine), projector 4096/256 (3 layers), predictor 4096 (2 layers), random patch
@@ -62,7 +67,7 @@ class MoCoV3(TwoViewMethod):
     }
 
     def __init__(self, config, data: DataInfo):
-        super().__init__(config, data, pos_embed="sincos", weight_init="mae")  # MoCo v3's ViT: fixed 2-D sin-cos
+        super().__init__(config, data)
         s = config.method_config
         if s.random_patch_projection:
             self.model.patch_embed.requires_grad_(False)

@@ -28,23 +28,30 @@ __all__ = ["TwoViewMethod", "SimCLR", "SimCLRConfig"]
 class TwoViewMethod(Method):
     """The encoder (``self.model``), two training views, and the student's pass over one view (``encode_view``).
 
-    The settings dataclass of a subclass must have ``min_crop_scale`` and ``jitter_strength``.
+    The settings dataclass of a subclass must have ``min_crop_scale``, ``jitter_strength`` and ``flip``.
     """
 
-    def __init__(self, config, data: DataInfo, **encoder_kwargs):
+    def __init__(self, config, data: DataInfo):
         super().__init__(config, data)
-        self.model = self.build_encoder(**encoder_kwargs)
+        # MoCo v3's ViT (Chen et al. 2021; also its SimCLR-ViT baselines): fixed 2-D sin-cos position embedding,
+        # Xavier-uniform weights (the "mae" init), for SimCLR and MoCo v3 alike.
+        self.model = self.build_encoder(pos_embed="sincos", weight_init="mae")
         self.train_views = self.build_views()
 
     def build_views(self) -> augment.MultiView:
-        """SimCLR's two views (random-resized crop, flip, colour jitter of strength s: (0.8s, 0.8s, 0.8s, 0.2s)
-        with p 0.8, grayscale p 0.2); with ``augment="none"`` two copies of the evaluation transform."""
+        """SimCLR's two views (random-resized crop, flip unless ``flip`` is off, colour jitter of strength s:
+        (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale p 0.2); with ``augment="none"`` two copies of the
+        evaluation transform."""
         data, s = self.data, self.config.method_config
         if self.config.augment == "none":
             return augment.MultiView([augment.eval_transform(data.image_size, data.mean, data.std)], [2], name="none")
         strength = s.jitter_strength
-        return augment.simclr_views(data.image_size, data.mean, data.std, scale=(s.min_crop_scale, 1.0),
-                                    jitter=(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength))
+        views = augment.simclr_views(data.image_size, data.mean, data.std, scale=(s.min_crop_scale, 1.0),
+                                     jitter=(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength))
+        if not s.flip:  # e.g. digits, where a mirrored image is another symbol
+            for pipeline in views.pipelines:
+                pipeline.steps = [step for step in pipeline.steps if step.name != "horizontal_flip"]
+        return views
 
     @property
     def encoder(self):
@@ -59,7 +66,8 @@ class TwoViewMethod(Method):
 
     def encode_views(self, views: Sequence[Tensor], generator: torch.Generator
                      ) -> Tuple[List[Tensor], Tensor, Dict[str, float]]:
-        """``encode_view`` on each view: ([features per view], mean of the extra losses, metrics averaged over views)."""
+        """``encode_view`` on each view: ([features per view], mean of the extra losses, metrics averaged over
+        the views)."""
         features, extras, sums = [], [], {}
         for x in views:
             pooled, extra, metrics = self.encode_view(x, generator)
@@ -72,11 +80,14 @@ class TwoViewMethod(Method):
 
 @dataclass
 class SimCLRConfig:
-    temperature: float = setting(0.5, "softmax temperature of the contrastive loss")
-    proj_hidden_dim: int = setting(0, "hidden width of the projection head (0 = the encoder's width)")
-    proj_dim: int = setting(128, "output width of the projection head")
-    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops")
-    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8")
+    temperature: float = setting(0.5, "softmax temperature of the contrastive loss", within="(0, inf)")
+    proj_hidden_dim: int = setting(0, "hidden width of the projection head (0 = the encoder's width)",
+                                   within="[0, inf)")
+    proj_dim: int = setting(128, "output width of the projection head", within="[1, inf)")
+    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops", within="(0, 1]")
+    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8",
+                                     within="[0, inf)")
+    flip: bool = setting(True, "random horizontal flips in the views")
 
 
 class SimCLR(TwoViewMethod):
@@ -87,8 +98,9 @@ class SimCLR(TwoViewMethod):
     presets = {
         # The MAE quick encoder (96 wide x 4 blocks, patch 8) on digits; tuned for k-NN within the time budget.
         "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, epochs=40,
-                      batch_size=128, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
-                      temperature=0.2, proj_hidden_dim=256, proj_dim=64, min_crop_scale=0.3, jitter_strength=0.5),
+                      batch_size=64, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
+                      temperature=0.2, proj_hidden_dim=256, proj_dim=64, min_crop_scale=0.5, jitter_strength=0.5,
+                      flip=False),
         # docs/methods.md §7.1 and SimCLR's released CIFAR-10 command (google-research/simclr README): batch 512,
         # 1000 epochs, temperature 0.5, colour-jitter strength 0.5, no blur, crops (0.08, 1), 10 warm-up epochs,
         # cosine, projection head 2-layer MLP to 128. Optimizer: vitfast has no LARS (SimCLR's choice, for

@@ -24,7 +24,8 @@ __all__ = ["MomentumTeacher", "cosine_momentum"]
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: float = 1.0) -> float:
-    """m(step) = final − (final − base)·(cos(π·step / total_steps) + 1) / 2: ``base`` at step 0, ``final`` at the end.
+    """m(step) = final − (final − base)·(cos(π·step / total_steps) + 1) / 2: ``base`` at step 0, ``final`` at the
+    end.
 
     MoCo v3 (0.99 → 1), DINO (0.996 → 1), per optimizer step; ``step`` beyond ``total_steps`` stays at ``final``.
     """
