@@ -264,9 +264,10 @@ def edge_inputs(kind, dtype):
         return q, q.clone(), dict(positives="labels", labels=torch.tensor([0, 1, 0, 2, 1]), temperature=0.1)
     if kind == "all-singletons":  # one view, all labels distinct: no anchor has a positive
         return torch.randn(5, 8, generator=gen), None, dict(positives="labels", labels=torch.arange(5), temperature=0.1)
-    # large logits: normalize=False, |rows| ~ 8 * sqrt(32), temperature 0.05: logits up to ~4e4
-    q = 8 * torch.randn(6, 32, generator=gen)
-    return q, q + torch.randn(6, 32, generator=gen), dict(positives="diagonal", temperature=0.05, normalize=False)
+    # large logits: normalize=False, |rows| ~ 8 * sqrt(32), temperature 0.05: logits of several 1e3 (the excluded
+    # own logit ~4e4); views independent, so the positive is rarely the largest logit: loss and gradients are large
+    q, k = 8 * torch.randn(6, 32, generator=gen), 8 * torch.randn(6, 32, generator=gen)
+    return q, k, dict(positives="ntxent", temperature=0.05, normalize=False)
 
 
 @pytest.mark.parametrize("kind", ["duplicate-rows", "identical-rows", "all-singletons", "large-logits"])
@@ -287,10 +288,8 @@ def test_edge_cases_finite_and_right(backend, dtype, kind, assert_close):
         # (the projection is formed in fp32: what is left is fp32 rounding, against gradients of O(1) otherwise)
         assert all(g.abs().max().item() <= 1e-6 for g in grads), grads
         grads, want = (), want[:1]
-    if kind == "large-logits":
-        # The loss is the difference of two ~1e4 logits: compare to the fp64 loss relative to the logits' size.
-        assert abs(loss.item() - want[0].item()) <= 4e-3 * want[0].abs().item() + 1.0, (loss, want[0])
-        return
+    if kind == "large-logits":  # not the degenerate case: a loss of O(1e3), softmax weights away from the positive
+        assert want[0].item() > 100 and all(w.abs().max() > 10 for w in want[1:]), want
     assert_close(loss.detach(), want[0], dtype, f"{backend}/loss")
     for what, actual, expected in zip(("d_q", "d_k"), grads, want[1:]):
         assert_close(actual, expected, dtype, f"{backend}/{what}")
