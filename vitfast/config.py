@@ -237,7 +237,46 @@ def build_config(method: str, preset: str = "quick", **overrides: Any) -> TrainC
     # Precedence: preset < the preset's per-stage values < what the user gave (for every stage).
     values["stage_overrides"] = {stage: {k: v for k, v in per_stage.items() if k not in given}
                                  for stage, per_stage in values.get("stage_overrides", {}).items()}
+    if cls.stages and not values.get("stage"):
+        _budget_epochs(cls, values, cls.presets[preset], given.get("epochs"))
     return config_from_values(method, values)
+
+
+def with_total_epochs(config: "TrainConfig", total: int) -> "TrainConfig":
+    """``config`` (a multi-stage run's, e.g. on ``--resume --epochs N``) with its stages rescaled to ``total`` epochs
+    as ``build_config`` does it; a single-stage config just gets ``epochs = total``."""
+    cls = _method_class(config.method)
+    if not cls.stages or config.stage:
+        return config.replace(epochs=total)
+    values = {**config.flat(), "stage_overrides": {k: dict(v) for k, v in config.stage_overrides.items()}}
+    _budget_epochs(cls, values, {"epochs": config.epochs, "stage_overrides": config.stage_overrides}, total)
+    return config_from_values(config.method, values)
+
+
+def _budget_epochs(cls, values: Dict[str, Any], preset: Dict[str, Any], total: Optional[int]) -> None:
+    """Multi-stage methods: ``epochs`` is the budget of the whole pipeline (its stages other than the baselines).
+    ``--epochs N`` scales those stages in proportion to the preset's split so that they add up to N; a baseline
+    stage (``Method.baselines``) gets the sum of the stages it is measured against, so the budgets stay equal."""
+    per_stage = values["stage_overrides"]
+    default = preset.get("epochs", TrainConfig.epochs)
+    pipeline = [s for s in cls.stages if s not in cls.baselines]
+    planned = {s: preset.get("stage_overrides", {}).get(s, {}).get("epochs", default) for s in pipeline}
+    if total is not None:
+        if total < len(pipeline):
+            raise UserError(f"epochs must be at least {len(pipeline)} for {cls.name} (one per stage: "
+                            f"{', '.join(pipeline)}), got {total}")
+        share = sum(planned.values())
+        scaled, left = {}, total
+        for i, stage in enumerate(pipeline):
+            rest = len(pipeline) - i - 1
+            scaled[stage] = left - rest if not rest else max(1, min(left - rest, round(total * planned[stage] / share)))
+            left -= scaled[stage]
+        planned = scaled
+    for stage, epochs in planned.items():
+        per_stage.setdefault(stage, {})["epochs"] = epochs
+    for baseline, measured_against in cls.baselines.items():
+        per_stage.setdefault(baseline, {})["epochs"] = sum(planned[s] for s in measured_against)
+    values["epochs"] = sum(planned.values())
 
 
 def config_from_dict(stored: Dict[str, Any], source: str = "config") -> TrainConfig:

@@ -19,7 +19,7 @@ import traceback
 from typing import Dict, List
 
 from .checkpoint import CheckpointError
-from .config import TrainConfig, UserError, build_config, config_from_dict, parse_value
+from .config import TrainConfig, UserError, build_config, config_from_dict, parse_value, with_total_epochs
 from .data.datasets import DatasetCorruptedError, DatasetNotFoundError
 from .methods import METHODS
 
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--download", action="store_true", help="allow downloading the dataset into --data-root")
     data.add_argument("--image-size", type=int, help="resize the images to this side (default: the dataset's)")
     optim = parser.add_argument_group("optimisation (default: the preset's value)")
-    optim.add_argument("--epochs", type=int)
+    optim.add_argument("--epochs", type=int, help="training epochs; multi-stage methods: the total of their stages "
+                                                  "(split as the preset splits it; a baseline stage gets the total)")
     optim.add_argument("--batch-size", type=int, help="images per process")
     optim.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
     optim.add_argument("--weight-decay", type=float)
@@ -147,6 +148,8 @@ def _resume_config(args: argparse.Namespace, overrides: Dict) -> TrainConfig:
             raise UserError(f"--resume: {key} = {value!r} conflicts with the run's {key} = {stored_values[key]!r} "
                             f"({stored}); only {', '.join(RESUMABLE_FLAGS)} may change on resume")
     changes = {k: overrides[k] for k in _RESUMABLE_KEYS if overrides.get(k) is not None}
+    if "epochs" in changes:  # a multi-stage run rescales its stages, as a new run would
+        config = with_total_epochs(config, changes.pop("epochs"))
     return config.replace(**{"max_steps": None, **changes}, resume=True, out=args.out)
 
 

@@ -12,6 +12,8 @@ Class attributes the registry, the CLI and the engine read (README "Adding a met
                          optionally "stage_overrides": {stage: {...}}
   stages, stage_init     multi-stage methods: the stages one command runs, and which stage's encoder
                          initialises which
+  baselines              multi-stage methods: a baseline stage -> the stages whose total epochs it trains for
+                         (``--epochs N`` scales the other stages to add up to N and gives the baseline N)
   random_init_baseline   report the k-NN accuracy of the encoder at initialisation (a self-supervised
                          method's yardstick; a classifier trained with labels has no use for it)
 """
@@ -50,6 +52,7 @@ class Method(nn.Module):
     presets: Dict[str, Dict[str, Any]] = {}
     stages: Tuple[str, ...] = ()       # multi-stage methods: the stages one command runs, in order
     stage_init: Dict[str, str] = {}    # stage -> the stage whose encoder initialises it
+    baselines: Dict[str, Tuple[str, ...]] = {}  # baseline stage -> the stages whose epochs it gets (equal budget)
     random_init_baseline = True
 
     def __init__(self, config: TrainConfig, data: DataInfo):

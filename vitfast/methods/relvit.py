@@ -52,6 +52,7 @@ class RelViT(Method):
     }
     stages = ("upstream", "finetune", "scratch")
     stage_init = {"finetune": "upstream"}  # a stage that starts from another stage's encoder
+    baselines = {"scratch": ("upstream", "finetune")}  # the supervised baseline of the same budget
     all_stages = ("upstream", "finetune", "scratch", "joint")
 
     def __init__(self, config, data: DataInfo):

@@ -1,0 +1,151 @@
+"""train.py as a user meets it, through the real command in a subprocess: run folders are never overwritten, every
+mistake is one line with exit code 2, Ctrl-C / SIGTERM keep a checkpoint that resumes exactly, --resume refuses
+flags that disagree with the run, and the warnings a user needs are printed.
+
+Each case starts Python + torch (~3 s); the whole file takes about a minute on 2 cores.
+"""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+# A model small enough that an epoch on digits (22 steps) takes a fraction of a second.
+TINY = ["--method", "supervised", "--no-progress", "--set", "embed_dim=16", "--set", "depth=1", "--set", "num_heads=2",
+        "--set", "metrics=", "--set", "warmup_epochs=1"]
+
+
+def train(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def digest(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+def test_a_folder_holding_a_run_is_never_overwritten(tmp_path):
+    assert train(*TINY, "--epochs", "1", "--out", "run", cwd=tmp_path).returncode == 0
+    before = digest(tmp_path / "run")
+    refused = train(*TINY, "--epochs", "1", "--out", "run", cwd=tmp_path)
+    assert_one_line_error(refused, "already holds a run", "--resume", "--overwrite")
+    assert digest(tmp_path / "run") == before
+    # A start that fails (a bad value found only once the data is known) with --overwrite keeps the old run too.
+    failed = train(*TINY, "--epochs", "1", "--out", "run", "--overwrite", "--patch-size", "5", cwd=tmp_path)
+    assert_one_line_error(failed, "patch_size 5 does not divide the image size 32")
+    assert digest(tmp_path / "run") == before
+    again = train(*TINY, "--epochs", "1", "--out", "run", "--overwrite", "--seed", "3", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert digest(tmp_path / "run") != before and '"seed": 3' in (tmp_path / "run" / "config.json").read_text()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--mask-ratio", "1.5", "--method", "mae"], "mask_ratio must be in [0, 1), got 1.5"),
+    (["--batch-size", "0"], "batch_size must be in [1, inf), got 0"),
+    (["--batch-size", "5000"], "fewer than one global batch of 5000"),
+    (["--patch-size", "5"], "patch_size 5 does not divide the image size 32"),
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--dataset", "cifar10", "--data-root", "nodata"], "--download"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+    (["--set", "lr=abc"], "lr must be a number, got 'abc'"),
+    (["--set", "mixup=true"], "mixup must be a number, got True"),
+    (["--set", "betas=[0.9]"], "betas must be a list of 2 values"),
+    (["--set", "no_such_key=1"], "unknown config keys ['no_such_key']"),
+    (["--precision", "fp16", "--set", "precision=fp8"], "precision must be one of fp32, bf16, fp16"),
+])
+def test_every_user_mistake_is_one_line_and_leaves_no_folder(tmp_path, args, needle):
+    result = train(*TINY, "--epochs", "1", "--out", "run", *args, cwd=tmp_path)
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    result = train(*TINY, "--batch-size", "0", "--debug", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_a_corrupt_checkpoint_and_a_half_made_folder_say_what_is_wrong(tmp_path):
+    assert train(*TINY, "--epochs", "1", "--out", "run", "--max-steps", "2", cwd=tmp_path).returncode == 0
+    (tmp_path / "run" / "checkpoint-last.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(train(*TINY, "--resume", "--out", "run", cwd=tmp_path), "unreadable or corrupt")
+    (tmp_path / "run" / "checkpoint-last.pt").unlink()
+    assert_one_line_error(train(*TINY, "--resume", "--out", "run", cwd=tmp_path),
+                          "has config.json but no checkpoint-last.pt", "--overwrite")
+
+
+def test_resume_refuses_flags_that_disagree_with_the_run(tmp_path):
+    assert train(*TINY, "--epochs", "2", "--out", "run", "--max-steps", "3", cwd=tmp_path).returncode == 0
+    for args, needle in ((["--batch-size", "32"], "batch_size = 32 conflicts with the run's batch_size = 64"),
+                         (["--method", "mae"], "method = 'mae' conflicts"),
+                         (["--dataset", "shapes"], "dataset = 'shapes' conflicts"),
+                         (["--overwrite"], "pass one of them")):
+        assert_one_line_error(train(*TINY, "--resume", "--out", "run", *args, cwd=tmp_path), needle)
+    # The flags that may change, and flags equal to the run's values, are accepted.
+    resumed = train(*TINY, "--resume", "--out", "run", "--epochs", "2", "--max-steps", "5", "--batch-size", "64",
+                    cwd=tmp_path)
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-2000:]
+    assert "--max-steps" in train("--help", cwd=tmp_path).stdout.split("--resume", 1)[1][:400]
+
+
+def _final_weights(folder):
+    return torch.load(os.path.join(folder, "checkpoint-last.pt"), map_location="cpu", weights_only=False)["method"]
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, signal_number, exit_code):
+    args = [*TINY, "--epochs", "6", "--set", "eval_every=0"]
+    process = subprocess.Popen([sys.executable, "-u", TRAIN, *args, "--out", "cut"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    for line in process.stdout:  # wait until it trains (the first epoch line), then interrupt it
+        if "epoch=1 " in line or time.time() > deadline:
+            break
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == exit_code, err[-2000:]
+    message = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(message) == 1 and message[0].endswith("resume with: python train.py --resume --out cut"), err[-2000:]
+    step = int(message[0].split()[3].rstrip(";"))
+    assert 0 < step < 6 * 22 and torch.load(tmp_path / "cut" / "checkpoint-last.pt", weights_only=False)["step"] == step
+    assert train("--resume", "--out", "cut", "--no-progress", cwd=tmp_path).returncode == 0
+    assert train(*args, "--out", "whole", cwd=tmp_path).returncode == 0
+    cut, whole = _final_weights(tmp_path / "cut"), _final_weights(tmp_path / "whole")
+    assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in cut)
+
+
+def test_warnings_a_user_needs(tmp_path):
+    result = train(*TINY, "--epochs", "1", "--set", "warmup_epochs=3", "--precision", "fp16", "--max-steps", "1",
+                   "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the learning rate never decays" in result.stdout
+    if not torch.cuda.is_available():
+        assert "--precision fp16 on CPU is slow" in result.stdout
+
+
+def test_epochs_of_a_multi_stage_method_keep_the_baseline_budget_equal(tmp_path):
+    """--epochs N is the pipeline's total: RelViT's upstream/finetune split 40:60 as in the preset, scratch gets N."""
+    import json
+    for epochs, split in ((None, (40, 60, 100)), (10, (4, 6, 10)), (3, (1, 2, 3))):
+        args = ["--method", "relvit", "--print-config"] + ([] if epochs is None else ["--epochs", str(epochs)])
+        result = train(*args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        config = json.loads(result.stdout)
+        stages = config["stage_overrides"]
+        assert (stages["upstream"]["epochs"], stages["finetune"]["epochs"], stages["scratch"]["epochs"]) == split
+        assert config["epochs"] == split[2]  # the top-level value is the pipeline's total, not an unused number
+    assert_one_line_error(train("--method", "relvit", "--epochs", "1", cwd=tmp_path), "epochs must be at least 2")
