@@ -17,6 +17,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/_unique2.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -43,19 +45,33 @@ constexpr int64_t kPoolColumns = 512;
 constexpr int64_t kPoolGroups = 4;
 
 template <typename T>
-inline T exp_(T x) {
+inline __attribute__((always_inline)) T exp_(T x) {
   if constexpr (std::is_same_v<T, float>) return cpu::exp_nonpositive(x);
   else return std::exp(x);
+}
+
+// 1 if the labels are equal, else 0, without a comparison: with `a == b` (as a select or a bool-to-number
+// conversion) GCC 12 reports "control flow in loop" and leaves the column loops scalar.
+inline __attribute__((always_inline)) int32_t same_label(int32_t a, int32_t b) {
+  return 1 - static_cast<int32_t>(std::min(1u, static_cast<uint32_t>(a ^ b)));
 }
 
 // ---- one tile of logits: s [rows, cols] (leading dimension ld), anchor rows row0.., pool columns col0.. ----------
 template <typename T>
 struct Tile {
   T* s;
-  int64_t rows, cols, ld, col0;
-  const int64_t* anchor_labels;  // [rows] (offset to row0)
+  int64_t rows, ld, col0;
+  int32_t cols;
+  const int32_t* anchor_labels;  // [rows] (offset to row0)
   const int64_t* anchor_self;    // [rows] pool index of the anchor itself, or -1
-  const int64_t* pool_labels;    // [cols] (offset to col0)
+  const int32_t* pool_labels;    // [cols] (offset to col0)
+
+  // Column of row r's own pool row in this tile, or -1. The column loops run on 32-bit lanes throughout (int32
+  // labels and column indices beside the float logits), so that they vectorise at the float width.
+  int32_t own_column(int64_t r) const {
+    const int64_t c = anchor_self[r] - col0;
+    return c >= 0 && c < cols ? static_cast<int32_t>(c) : -1;
+  }
 };
 
 // Per-row running statistics over the pool tiles seen so far.
@@ -67,55 +83,76 @@ struct RowStats {
   int32_t* count;  // number of positives
 };
 
+// The anchor's own column is excluded by overwriting its logit (0 while positives are summed, then -inf, whose exp is
+// 0), in separate row loops: the column loops do not see it, stay branch-free and vectorise. (With the own-column
+// test or write in the same row iteration, GCC duplicated the row body by jump threading and left that copy scalar.)
+template <typename T>
+inline __attribute__((always_inline)) void set_own_columns(const Tile<T>& t, T value) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int32_t own = t.own_column(r);
+    if (own >= 0) t.s[r * t.ld + own] = value;
+  }
+}
+
 template <typename T>
 inline __attribute__((always_inline)) void tile_forward(const Tile<T>& t, const RowStats<T>& stats) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int32_t* __restrict labels = t.pool_labels;
+  set_own_columns(t, T(0));
   for (int64_t r = 0; r < t.rows; ++r) {
     const T* __restrict s = t.s + r * t.ld;
-    const int64_t* __restrict labels = t.pool_labels;
-    const int64_t label = t.anchor_labels[r], own = t.anchor_self[r] - t.col0;  // own: column of the anchor, if here
-    T positive = 0, tile_max = kNegInf;
+    const int32_t label = t.anchor_labels[r];
+    T positive = 0;
     int32_t count = 0;
-#pragma omp simd reduction(+ : positive, count) reduction(max : tile_max)
-    for (int64_t c = 0; c < t.cols; ++c) {
-      const bool allowed = c != own;
-      const bool is_positive = allowed && labels[c] == label;
-      positive += is_positive ? s[c] : T(0);
-      count += is_positive ? 1 : 0;
-      tile_max = std::max(tile_max, allowed ? s[c] : kNegInf);
+#pragma omp simd reduction(+ : positive, count)
+    for (int32_t c = 0; c < t.cols; ++c) {
+      const int32_t match = same_label(labels[c], label);
+      positive += static_cast<T>(match) * s[c];
+      count += match;
     }
     stats.positive[r] += positive;
     stats.count[r] += count;
+  }
+  for (int64_t r = 0; r < t.rows; ++r) {  // the own column was counted where its label matches (it always does)
+    const int32_t own = t.own_column(r);
+    if (own >= 0 && labels[own] == t.anchor_labels[r]) stats.count[r] -= 1;
+  }
+  set_own_columns(t, kNegInf);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const T* __restrict s = t.s + r * t.ld;
+    T tile_max = kNegInf;
+#pragma omp simd reduction(max : tile_max)
+    for (int32_t c = 0; c < t.cols; ++c) tile_max = std::max(tile_max, s[c]);
     const T old_max = stats.max[r], new_max = std::max(old_max, tile_max);
     if (new_max == kNegInf) continue;  // no allowed column yet (the anchor's own column alone)
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < t.cols; ++c) sum += c != own ? exp_<T>(s[c] - new_max) : T(0);
+    for (int32_t c = 0; c < t.cols; ++c) sum += exp_<T>(s[c] - new_max);
     stats.sum[r] = (old_max == kNegInf ? T(0) : stats.sum[r] * exp_<T>(old_max - new_max)) + sum;
     stats.max[r] = new_max;
   }
 }
 
-// s := dS = weight_a (allowed exp(s - lse_a) - positive / n_a); weight_a = 0 (no positives) gives a zero row.
+// s := dS = weight_a (allowed exp(s - lse_a) - positive / n_a); weight_a = 0 (no positives) gives a zero row. The own
+// column is computed like the others (exp_ cannot make a NaN of it) and then overwritten with 0.
 template <typename T>
 inline __attribute__((always_inline)) void tile_backward(const Tile<T>& t, const T* lse, const int32_t* count,
                                                          T weight) {
+  const int32_t* __restrict labels = t.pool_labels;
   for (int64_t r = 0; r < t.rows; ++r) {
     T* __restrict s = t.s + r * t.ld;
     if (count[r] == 0) {
       std::fill(s, s + t.cols, T(0));
       continue;
     }
-    const int64_t* __restrict labels = t.pool_labels;
-    const int64_t label = t.anchor_labels[r], own = t.anchor_self[r] - t.col0;
+    const int32_t label = t.anchor_labels[r];
     const T shift = lse[r], target = weight / static_cast<T>(count[r]);
 #pragma omp simd
-    for (int64_t c = 0; c < t.cols; ++c) {
-      const bool allowed = c != own;
-      const T softmax = allowed ? weight * exp_<T>(s[c] - shift) : T(0);
-      s[c] = softmax - (allowed && labels[c] == label ? target : T(0));
+    for (int32_t c = 0; c < t.cols; ++c) {
+      s[c] = weight * exp_<T>(s[c] - shift) - target * static_cast<T>(same_label(labels[c], label));
     }
   }
+  set_own_columns(t, T(0));
 }
 
 // The float passes are compiled per target (common.h: VITFAST_SIMD_CLONES).
@@ -139,7 +176,9 @@ void tile_backward_any(const Tile<double>& t, const double* lse, const int32_t* 
 struct Problem {
   int64_t anchors, pool, dim;
   cpu::RowTiles anchor_tiles;
-  const int64_t *anchor_labels, *pool_labels, *anchor_self;
+  at::Tensor label_ids;  // [A + M] int32: anchor then pool labels renumbered densely (equal labels, equal ids)
+  const int32_t *anchor_labels, *pool_labels;
+  const int64_t* anchor_self;
 };
 
 Problem problem(const at::Tensor& anchors, const at::Tensor& pool, const at::Tensor& anchor_labels,
@@ -155,9 +194,15 @@ Problem problem(const at::Tensor& anchors, const at::Tensor& pool, const at::Ten
                 " must be contiguous int64 ", shape, ", got ", x.scalar_type(), " ", x.sizes());
     return x.const_data_ptr<int64_t>();
   };
-  p.anchor_labels = check_index(anchor_labels, "anchor_labels", p.anchors, "[A]");
-  p.pool_labels = check_index(pool_labels, "pool_labels", p.pool, "[M]");
+  check_index(anchor_labels, "anchor_labels", p.anchors, "[A]");
+  check_index(pool_labels, "pool_labels", p.pool, "[M]");
   p.anchor_self = check_index(anchor_self, "anchor_self", p.anchors, "[A]");
+  // Only equality of labels matters: renumbering them into int32 (O((A + M) log(A + M)), once per call) keeps any
+  // int64 label and lets the column loops compare 8 labels per AVX2 instruction.
+  const at::Tensor labels = at::cat({anchor_labels, pool_labels});
+  p.label_ids = std::get<1>(at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true)).to(at::kInt).contiguous();
+  p.anchor_labels = p.label_ids.const_data_ptr<int32_t>();
+  p.pool_labels = p.anchor_labels + p.anchors;
   p.anchor_tiles = cpu::balanced_row_tiles(p.anchors, kAnchorRows);
   return p;
 }
@@ -166,8 +211,14 @@ Problem problem(const at::Tensor& anchors, const at::Tensor& pool, const at::Ten
 template <typename T>
 Tile<T> tile_logits(const Problem& p, bool blas, const T* a, const T* b, T inv_temperature, T* s, int64_t row0,
                     int64_t col0) {
-  Tile<T> t{s, std::min(p.anchor_tiles.rows, p.anchors - row0), std::min(kPoolColumns, p.pool - col0),
-            kPoolColumns, col0, p.anchor_labels + row0, p.anchor_self + row0, p.pool_labels + col0};
+  Tile<T> t{s,
+            std::min(p.anchor_tiles.rows, p.anchors - row0),
+            kPoolColumns,
+            col0,
+            static_cast<int32_t>(std::min(kPoolColumns, p.pool - col0)),
+            p.anchor_labels + row0,
+            p.anchor_self + row0,
+            p.pool_labels + col0};
   gemm<T>(blas, false, true, t.rows, t.cols, p.dim, inv_temperature, a + row0 * p.dim, p.dim, b + col0 * p.dim,
           p.dim, T(0), s, kPoolColumns);
   return t;
