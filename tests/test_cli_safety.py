@@ -149,3 +149,14 @@ def test_epochs_of_a_multi_stage_method_keep_the_baseline_budget_equal(tmp_path)
         assert (stages["upstream"]["epochs"], stages["finetune"]["epochs"], stages["scratch"]["epochs"]) == split
         assert config["epochs"] == split[2]  # the top-level value is the pipeline's total, not an unused number
     assert_one_line_error(train("--method", "relvit", "--epochs", "1", cwd=tmp_path), "epochs must be at least 2")
+
+
+def test_plots_show_every_loss_and_accuracy_a_run_logs():
+    from vitfast.engine import plot_series
+    mae = [{"epoch": 1, "loss": 1.0, "lr": 1e-3}, {"epoch": 2, "loss": 0.9, "lr": 1e-3, "knn_accuracy": 0.5}]
+    assert plot_series(mae) == {"loss": ["loss"], "accuracy": ["knn_accuracy"]}
+    relvit = [{"epoch": 1, "loss": 3.0, "relation_loss": 2.0, "position_loss": 1.0, "relation_accuracy": 0.3,
+               "train_accuracy": 0.2, "lr": 1e-3, "seconds": 1.0}]
+    assert plot_series(relvit) == {"loss": ["loss", "relation_loss", "position_loss"],
+                                   "accuracy": ["relation_accuracy", "train_accuracy"]}
+    assert plot_series([{"epoch": 1, "lr": 0.1}]) == {}

@@ -190,6 +190,15 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def plot_series(history: List[Dict]) -> Dict[str, List[str]]:
+    """The curves of a run's plots: every logged metric named ``loss`` / ``*_loss`` (loss.png) and ``accuracy`` /
+    ``*_accuracy`` (accuracy.png: train accuracy, k-NN when evaluated, a stage's extra task accuracies)."""
+    logged = [k for row in history for k in row]
+    logged = sorted(set(logged), key=logged.index)
+    series = {name: [k for k in logged if k == name or k.endswith("_" + name)] for name in ("loss", "accuracy")}
+    return {name: keys for name, keys in series.items() if keys}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = c = config
@@ -501,17 +510,15 @@ class Trainer:
         except ImportError:
             self._log("matplotlib is not installed: no plots")
             return
-        for name, keys in (("loss", ["loss"]), ("accuracy", ["train_accuracy", "knn_accuracy"])):
-            present = [k for k in keys if any(k in r for r in self.history)]
-            if not present:
-                continue
+        for name, present in plot_series(self.history).items():
             fig, ax = plt.subplots(figsize=(6, 4))
             for key in present:
                 points = [(r["epoch"], r[key]) for r in self.history if key in r]
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
             ax.set_xlabel("epoch")
             ax.set_ylabel(name)
-            ax.set_title(f"{self.config.method} on {self.config.dataset}")
+            stage = f", stage {self.config.stage}" if self.config.stage else ""
+            ax.set_title(f"{self.config.method}{stage} on {self.config.dataset}")
             ax.legend()
             ax.grid(alpha=0.3)
             fig.tight_layout()
