@@ -160,3 +160,22 @@ def test_plots_show_every_loss_and_accuracy_a_run_logs():
     assert plot_series(relvit) == {"loss": ["loss", "relation_loss", "position_loss"],
                                    "accuracy": ["relation_accuracy", "train_accuracy"]}
     assert plot_series([{"epoch": 1, "lr": 0.1}]) == {}
+
+
+def test_a_failed_download_names_the_url_and_the_folder(tmp_path, monkeypatch):
+    """No network in the tests: torchvision's downloader is replaced by one that fails as an offline machine does."""
+    import urllib.error
+
+    import torchvision.datasets
+
+    from vitfast.data import datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "__init__", offline)
+    with pytest.raises(datasets.DatasetNotFoundError) as error:
+        datasets.load_splits("cifar10", root=str(tmp_path), download=True)
+    message = str(error.value)
+    assert "downloading cifar10 failed (URLError" in message
+    assert torchvision.datasets.CIFAR10.url in message and str(tmp_path / "cifar-10-batches-py") in message
