@@ -22,13 +22,13 @@ from ..config import setting
 from ..nn.heads import prediction_head, projection_head
 from ..nn.momentum import MomentumTeacher, cosine_momentum
 from .base import DataInfo
-from .simclr import TwoViewMethod
+from .simclr import QUICK, TwoViewMethod, ViewSettings
 
 __all__ = ["MoCoV3", "MoCoV3Config"]
 
 
 @dataclass
-class MoCoV3Config:
+class MoCoV3Config(ViewSettings):
     temperature: float = setting(0.2, "softmax temperature of the InfoNCE loss (the loss is multiplied by 2·tau)",
                                   within="(0, inf)")
     momentum: float = setting(0.99, "teacher EMA momentum at the start; it rises to 1 on a cosine schedule",
@@ -38,10 +38,6 @@ class MoCoV3Config:
     pred_hidden_dim: int = setting(4096, "hidden width of the 2-layer predictor", within="[1, inf)")
     random_patch_projection: bool = setting(False, "freeze the randomly initialised patch embedding (MoCo v3's "
                                                    "random patch projection)")
-    min_crop_scale: float = setting(0.08, "smallest area fraction of the random-resized crops", within="(0, 1]")
-    jitter_strength: float = setting(0.5, "colour-jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8",
-                                     within="[0, inf)")
-    flip: bool = setting(True, "random horizontal flips in the views")
 
 
 class MoCoV3(TwoViewMethod):
@@ -50,12 +46,8 @@ class MoCoV3(TwoViewMethod):
     name = "mocov3"
     Config = MoCoV3Config
     presets = {
-        # The MAE quick encoder (96 wide x 4 blocks, patch 8) on digits, heads 256 wide; tuned for k-NN within the
-        # time budget.
-        "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, epochs=40,
-                      batch_size=64, lr=1e-3, warmup_epochs=4, weight_decay=0.05, global_pool="avg",
-                      temperature=0.2, momentum=0.99, proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256,
-                      min_crop_scale=0.5, jitter_strength=0.5, flip=False),
+        # SimCLR's quick values (simclr.QUICK: encoder, training, views), heads 256 wide.
+        "quick": dict(QUICK, temperature=0.2, momentum=0.99, proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256),
         # docs/methods.md §7.2 / §3.2, MoCo v3's ViT recipe (Chen et al. 2021, App. and the released main_moco.py):
         # AdamW, lr 1.5e-4·batch/256, weight decay 0.1, 40 warm-up epochs, 300 epochs, batch 4096, tau 0.2,
         # momentum 0.99 -> 1 (cosine), projector 4096/256 (3 layers), predictor 4096 (2 layers), random patch
