@@ -20,9 +20,11 @@ Kernels (1-D grids, the long dimension on axis 0; offsets that scale with A, M o
                              accumulates d s @ other in registers; one store in the input dtype. No atomics, no
                              read-back of its own stores: deterministic.
 
-D: up to 256 the whole (zero-padded) row is one BLOCK_D chunk, loaded once per program for its own tile; wider rows
-run 128-wide chunks (the backward then recomputes s once per output chunk). Memory beyond the outputs: one fp32 [A]
-buffer. Dots take the input dtype: fp16/bf16 on tensor cores, fp32 as TF32 unless
+D: in fp16 / bf16 up to D = 256 the whole (zero-padded) row is one BLOCK_D chunk, loaded once per program for its own
+tile, and the backward's other-side tile serves both of its dots; wider rows, and fp32 (whose dots need twice the
+registers), sum the scores over BLOCK_D chunks, and the backward writes BLOCK_OUT-wide output chunks, one program each
+(recomputing the scores per chunk). D need not be a power of two. Memory beyond the outputs: one fp32 [A] buffer.
+Dots take the input dtype: fp16/bf16 on tensor cores, fp32 as TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (IEEE). float64 is not taken (the op's declaration).
 """
 import torch
@@ -41,41 +43,48 @@ _DS_SCALE = 4096.0
 _DS_SCALE_C = tl.constexpr(_DS_SCALE)
 
 # ---------------------------------------------------------------------------------------------------
-# Launch parameters: [BLOCK_D class][dtype] per kernel, read by the launchers and by AOT_SPECS (python -m
-# vitfast.compile_check compiles every entry for sm_80 and sm_90a: 0 spills, mma / wgmma). Class "d64" / "d128" /
-# "d256": the whole row in one chunk (D <= 64 / 128 / 256); "chunked": D > 256 in 128-wide chunks.
-# Anchor tiles of 32 rows up to D = 128: the 2 x 2048-view NT-Xent benchmark (A = M = 4096) gets 128 programs per
-# kernel, about one wave of a 132-SM GPU. D = 256 (2 x 8192 views: A = M = 16384) takes 64-row tiles: 256 programs,
-# and every pool tile read from L2 serves twice as many anchors.
+# Launch parameters: [D class][dtype] per kernel, read by the launchers and by AOT_SPECS (python -m
+# vitfast.compile_check compiles every entry for sm_80 and sm_90a: 0 spills, mma / wgmma).
+# D classes: the widest row of the class (d64, d128, d256), "chunked" above 256. ONE_CHUNK: the row is one zero-padded
+# BLOCK_D chunk, held in registers by the program for its own tile (fp16 / bf16 up to D = 256); otherwise the scores
+# are summed over BLOCK_D chunks and the backward writes BLOCK_OUT-wide output chunks, one program each (it
+# recomputes the scores per chunk). fp32 dots (IEEE FMA, or TF32) take twice the registers per element: small tiles,
+# score chunks of 64 (forward) and 32 (backward; 64 spilled 8-16 B in the IEEE d pool kernel on sm_90a).
+# 16-bit anchor tiles of 32 rows up to D = 128: the 2 x 2048-view NT-Xent benchmark (A = M = 4096) gets 128 programs
+# per kernel, about one wave of a 132-SM GPU.
 # ---------------------------------------------------------------------------------------------------
-_CLASSES = {"d64": (64, True), "d128": (128, True), "d256": (256, True), "chunked": (128, False)}  # BLOCK_D, ONE_CHUNK
+CLASSES = {"d64": 64, "d128": 128, "d256": 256, "chunked": None}
 
 
-def _table(small: dict, wide: dict, wide32: dict) -> dict:
-    """{class: {dtype: entry}}: ``small`` for d64/d128, ``wide`` (16-bit) / ``wide32`` (fp32) for d256/chunked."""
-    table = {}
-    for name, (bd, _) in _CLASSES.items():
-        big = name in ("d256", "chunked")
-        table[name] = {torch.float16: dict(wide if big else small, BLOCK_D=bd),
-                       torch.bfloat16: dict(wide if big else small, BLOCK_D=bd),
-                       torch.float32: dict(wide32 if big else small, BLOCK_D=bd)}
-    return table
+def _per_dtype(half: dict, fp32: dict) -> dict:
+    return {torch.float16: half, torch.bfloat16: half, torch.float32: fp32}
 
 
-FORWARD_CONFIG = _table(small=dict(BLOCK_A=32, BLOCK_M=64, num_warps=4, num_stages=2),
-                        wide=dict(BLOCK_A=64, BLOCK_M=64, num_warps=8, num_stages=2),
-                        wide32=dict(BLOCK_A=64, BLOCK_M=32, num_warps=8, num_stages=2))
-BACKWARD_CONFIG = _table(small=dict(BLOCK_OWN=32, BLOCK_OTHER=64, num_warps=4, num_stages=2),
-                         wide=dict(BLOCK_OWN=64, BLOCK_OTHER=32, num_warps=8, num_stages=2),
-                         wide32=dict(BLOCK_OWN=64, BLOCK_OTHER=32, num_warps=8, num_stages=1))
+_FWD32 = dict(BLOCK_A=16, BLOCK_M=32, BLOCK_D=64, ONE_CHUNK=False, num_warps=8, num_stages=1)
+FORWARD_CONFIG = {
+    "d64": _per_dtype(dict(BLOCK_A=32, BLOCK_M=64, BLOCK_D=64, ONE_CHUNK=True, num_warps=4, num_stages=2), _FWD32),
+    "d128": _per_dtype(dict(BLOCK_A=32, BLOCK_M=64, BLOCK_D=128, ONE_CHUNK=True, num_warps=4, num_stages=2), _FWD32),
+    "d256": _per_dtype(dict(BLOCK_A=64, BLOCK_M=64, BLOCK_D=256, ONE_CHUNK=True, num_warps=8, num_stages=2), _FWD32),
+    "chunked": _per_dtype(dict(BLOCK_A=64, BLOCK_M=64, BLOCK_D=64, ONE_CHUNK=False, num_warps=8, num_stages=1),
+                          _FWD32),
+}
+_BWD32 = dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=32, BLOCK_OUT=64, ONE_CHUNK=False, num_warps=8, num_stages=1)
+BACKWARD_CONFIG = {
+    "d64": _per_dtype(dict(BLOCK_OWN=32, BLOCK_OTHER=64, BLOCK_D=64, BLOCK_OUT=64, ONE_CHUNK=True, num_warps=4,
+                           num_stages=2), _BWD32),
+    "d128": _per_dtype(dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=128, BLOCK_OUT=128, ONE_CHUNK=True, num_warps=4,
+                            num_stages=2), dict(_BWD32, BLOCK_OUT=128)),
+    "d256": _per_dtype(dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=256, BLOCK_OUT=256, ONE_CHUNK=True, num_warps=8,
+                            num_stages=1), dict(_BWD32, BLOCK_OUT=128)),
+    "chunked": _per_dtype(dict(BLOCK_OWN=32, BLOCK_OTHER=32, BLOCK_D=64, BLOCK_OUT=128, ONE_CHUNK=False,
+                               num_warps=8, num_stages=1), dict(_BWD32, BLOCK_OUT=128)),
+}
+del _FWD32, _BWD32
 
 
 def d_class(D: int) -> str:
     """The launch-table class of a row width D."""
-    for name, (bd, one_chunk) in _CLASSES.items():
-        if one_chunk and D <= bd:
-            return name
-    return "chunked"
+    return next((name for name, widest in CLASSES.items() if widest is not None and D <= widest), "chunked")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,15 +171,16 @@ def _contrastive_bwd_kernel(
     own_ptr, other_ptr, anchor_labels_ptr, pool_labels_ptr, anchor_self_ptr, lse_ptr, count_ptr, grad_loss_ptr,
     grad_ptr, N_OWN, N_OTHER, D, scale_log2, weight,
     POOL: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_OUT: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     # own / other: anchors / pool (d anchors) or pool / anchors (d pool, POOL); tiles are [own, other], so for d pool
     # the anchor statistics run along axis 1. weight = loss_scale * inv_temperature / _DS_SCALE; grad_loss_ptr: the
     # upstream gradient ([] fp32, read on the device: no host sync). grad_ptr: [N_OWN, D] in the input dtype.
-    n_chunks = tl.cdiv(D, BLOCK_D)
+    # ONE_CHUNK: the whole row is one BLOCK_D = BLOCK_OUT chunk, and the other side's tile serves both dots.
+    n_chunks = tl.cdiv(D, BLOCK_OUT)
     pid = tl.program_id(0)
     offs_own = (pid // n_chunks) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    offs_dc = (pid % n_chunks) * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's output chunk
+    offs_dc = (pid % n_chunks) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)  # this program's output chunk
     in_own = offs_own < N_OWN
     if POOL:
         label_own = tl.load(pool_labels_ptr + offs_own, mask=in_own, other=0)
@@ -179,7 +189,7 @@ def _contrastive_bwd_kernel(
                                                                 count_ptr, offs_own, N_OWN)
     if ONE_CHUNK:
         own = _load_rows(own_ptr, offs_own, N_OWN, offs_dc, D)  # held for the whole loop
-    acc = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_OWN, BLOCK_OUT), dtype=tl.float32)
     for o0 in range(0, N_OTHER, BLOCK_OTHER):
         offs_other = o0 + tl.arange(0, BLOCK_OTHER)
         other = _load_rows(other_ptr, offs_other, N_OTHER, offs_dc, D)
@@ -224,7 +234,6 @@ def contrastive_loss_forward(anchors, pool, anchor_labels, pool_labels, anchor_s
     _check_dtype(anchors)
     A, D = anchors.shape
     M = pool.shape[0]
-    one_chunk = d_class(D) != "chunked"
     cfg = FORWARD_CONFIG[d_class(D)][anchors.dtype]
     lse = torch.empty(A, device=anchors.device, dtype=torch.float32)  # all three fully written
     count = torch.empty(A, device=anchors.device, dtype=torch.int32)
@@ -232,8 +241,7 @@ def contrastive_loss_forward(anchors, pool, anchor_labels, pool_labels, anchor_s
     with launch_device(anchors):
         _contrastive_fwd_kernel[(triton.cdiv(A, cfg["BLOCK_A"]),)](
             anchors, pool, anchor_labels, pool_labels, anchor_self, lse, count, row_loss, A, M, D,
-            float(inv_temperature) * _LOG2E, float(loss_scale), INPUT_PRECISION=input_precision(anchors.dtype),
-            ONE_CHUNK=one_chunk, **cfg)
+            float(inv_temperature) * _LOG2E, float(loss_scale), INPUT_PRECISION=input_precision(anchors.dtype), **cfg)
         # fixed-order sum in fp64 (deterministic, independent of the GPU's SM count)
         loss = row_loss.sum(dtype=torch.float64).to(torch.float32)
     return loss, lse, count
@@ -247,7 +255,7 @@ def contrastive_loss_backward(grad_loss, anchors, pool, anchor_labels, pool_labe
     A, D = anchors.shape
     M = pool.shape[0]
     cfg = BACKWARD_CONFIG[d_class(D)][anchors.dtype]
-    n_chunks = triton.cdiv(D, cfg["BLOCK_D"])
+    n_chunks = triton.cdiv(D, cfg["BLOCK_OUT"])
     grad_loss = grad_loss.reshape(()) if grad_loss.dtype == torch.float32 else grad_loss.float().reshape(())
     grads = []
     with launch_device(anchors):
@@ -260,7 +268,7 @@ def contrastive_loss_backward(grad_loss, anchors, pool, anchor_labels, pool_labe
                 own, other, anchor_labels, pool_labels, anchor_self, lse, count, grad_loss, grad, own.shape[0],
                 other.shape[0], D, float(inv_temperature) * _LOG2E,
                 float(loss_scale) * float(inv_temperature) / _DS_SCALE, POOL=is_pool,
-                INPUT_PRECISION=input_precision(anchors.dtype), ONE_CHUNK=d_class(D) != "chunked", **cfg)
+                INPUT_PRECISION=input_precision(anchors.dtype), **cfg)
             grads.append(grad)
     return tuple(grads)
 
@@ -275,19 +283,19 @@ _FLOATS = ("scale_log2", "loss_scale", "weight")
 
 def _aot_specs() -> list:
     specs = []
-    for name, (_, one_chunk) in _CLASSES.items():
+    for name in CLASSES:
         specs += aot_specs(
             _contrastive_fwd_kernel, FORWARD_CONFIG[name].get,
             lambda ty: dict(anchors_ptr=ty, pool_ptr=ty, anchor_labels_ptr="i64", pool_labels_ptr="i64",
                             anchor_self_ptr="i64", lse_ptr="fp32", count_ptr="i32", row_loss_ptr="fp32"),
-            dict(ONE_CHUNK=one_chunk), ints=_INTS, floats=_FLOATS, variant=name)
+            {}, ints=_INTS, floats=_FLOATS, variant=name)
         for is_pool in (False, True):
             specs += aot_specs(
                 _contrastive_bwd_kernel, BACKWARD_CONFIG[name].get,
                 lambda ty: dict(own_ptr=ty, other_ptr=ty, anchor_labels_ptr="i64", pool_labels_ptr="i64",
                                 anchor_self_ptr="i64", lse_ptr="fp32", count_ptr="i32", grad_loss_ptr="fp32",
                                 grad_ptr=ty),
-                dict(POOL=is_pool, ONE_CHUNK=one_chunk), ints=_INTS, floats=_FLOATS,
+                dict(POOL=is_pool), ints=_INTS, floats=_FLOATS,
                 variant=f"{'d_pool' if is_pool else 'd_anchors'} {name}")
     return specs
 

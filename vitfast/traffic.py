@@ -193,6 +193,7 @@ def _contrastive_loss(p: dict, s: int) -> List[dict]:
     rows = 2 * b
     features, stats = rows * d * s, rows * 8 * 2 + rows * 8  # one [2B, D] matrix; labels (anchor, pool), self rows
     scores = 2 * rows * rows * d
+    chunks = _contrastive_out_chunks(d, s)  # the backward recomputes the scores once per output chunk
     return [
         # the op wrapper's glue (vitfast/ops/contrastive_loss.py): F.normalize of q and k (norm, clamp, div), the
         # concatenations into anchors and pool, the labels; in the backward the two gradients of each row summed
@@ -202,12 +203,21 @@ def _contrastive_loss(p: dict, s: int) -> List[dict]:
         _launch("fwd: scores + online lse, positive sums and counts (pool re-read per anchor tile: L2)",
                 2 * features + stats, rows * 12, scores),
         _launch("fwd: fixed-order fp64 sum of the per-anchor terms, cast", rows * 4 + 8, 8 + 4, count=2),
-        _launch("bwd d anchors: scores again from lse and count, ds @ pool", 2 * features + stats + rows * 8 + 4,
-                features, 2 * scores),
-        _launch("bwd d pool: scores again (transposed), ds^T @ anchors", 2 * features + stats + rows * 8 + 4,
-                features, 2 * scores),
+        _launch(f"bwd d anchors: scores again ({chunks}x) from lse and count, ds @ pool",
+                2 * features + stats + rows * 8 + 4, features, (chunks + 1) * scores),
+        _launch(f"bwd d pool: scores again ({chunks}x, transposed), ds^T @ anchors",
+                2 * features + stats + rows * 8 + 4, features, (chunks + 1) * scores),
         _launch("op: sum of the two gradients of each row, normalize backward", 5 * features, 2 * features, count=6),
     ]
+
+
+def _contrastive_out_chunks(d, s) -> int:
+    """Output chunks per row of the contrastive backward, from the launcher's own table (shape-only)."""
+    try:
+        from vitfast.kernels.contrastive_loss import BACKWARD_CONFIG, d_class
+        return math.ceil(d / BACKWARD_CONFIG[d_class(d)][torch.float32 if s == 4 else torch.bfloat16]["BLOCK_OUT"])
+    except Exception:  # noqa: BLE001  (triton not installed, or the table changed): one chunk
+        return 1
 
 
 FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
