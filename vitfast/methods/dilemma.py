@@ -48,8 +48,10 @@ class DILEMMA(TwoViewMethod):
     Config = DILEMMAConfig
     presets = {
         # The MoCo v3 quick preset (96 wide x 4 blocks, patch 8: N = 16 tokens, heads 256 wide) with mask ratio 0.5
-        # (8 tokens kept, so every wrong position is a dropped one: the paper's rule) and p = 0.2.
-        "quick": dict(MoCoV3.presets["quick"], mask_ratio=0.5, corrupt_probability=0.2, detection_weight=1.0),
+        # (8 tokens kept, so every wrong position is a dropped one: the paper's rule) and p = 0.2; batch 64 for 80
+        # epochs (1600 steps): MoCo v3's 40 epochs of batch 128 gave k-NN 84.1 % (random init 66.6 %), this 93.9 %.
+        "quick": dict(MoCoV3.presets["quick"], epochs=80, batch_size=64, mask_ratio=0.5, corrupt_probability=0.2,
+                      detection_weight=1.0),
         # docs/methods.md §3.2: MoCo v3's ViT recipe (its paper preset: small-data ViT on 32-px data, AdamW
         # 1.5e-4·batch/256, wd 0.1, 300 epochs, batch 4096, τ 0.2, momentum 0.99 -> 1, projector 4096/256,
         # predictor 4096) with the sparsity and corruption of DILEMMA: mask ratio 0.75 (the paper's largest; it
