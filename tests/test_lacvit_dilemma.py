@@ -77,6 +77,8 @@ def test_lacvit_stages_and_budgets():
     for preset in ("quick", "paper"):
         epochs = {stage: values["epochs"] for stage, values in cls.presets[preset]["stage_overrides"].items()}
         assert epochs["baseline"] == epochs["supcon"] + epochs["probe"] == epochs["supcon"] + epochs["finetune"]
+    scaled = build_config("lacvit", "quick", epochs=100).stage_overrides  # --epochs: the pipeline's total
+    assert [scaled[s]["epochs"] for s in ("supcon", "probe", "baseline")] == [80, 20, 100]
     c = build_config("lacvit", "paper")
     assert (c.method_config.supcon_temperature, c.model, c.patch_size) == (0.1, "base", 16)
     with pytest.raises(ValueError, match="lacvit stage must be one of"):
@@ -127,7 +129,7 @@ def test_second_stage_starts_from_the_supcon_encoder(tmp_path):
 def test_lacvit_end_to_end(tmp_path):
     """python train.py --method lacvit: supcon -> probe -> baseline in one command, each stage's accuracy reported."""
     out = tmp_path / "run"
-    assert main(["--method", "lacvit", "--out", str(out), "--epochs", "1", *TINY_FLAGS, "--batch-size", "128",
+    assert main(["--method", "lacvit", "--out", str(out), "--epochs", "2", *TINY_FLAGS, "--batch-size", "128",
                  "--set", "probe_epochs=2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
@@ -138,6 +140,7 @@ def test_lacvit_end_to_end(tmp_path):
         assert 0.0 <= value <= 1.0
     for stage in ("probe", "baseline"):
         assert 0.0 <= stages[stage]["test_accuracy"] <= 1.0
+    assert stages["baseline"]["epochs"] == stages["supcon"]["epochs"] + stages["probe"]["epochs"] == 2
     supcon = ckpt.load(str(out / "supcon" / CHECKPOINT))
     probe = ckpt.load(str(out / "probe" / CHECKPOINT))
     for name, value in supcon["encoder"].items():  # the probe trained on the supcon encoder and left it as it was

@@ -71,6 +71,7 @@ class LaCViT(Method):
     }
     stages = ("supcon", "probe", "baseline")
     stage_init = {"probe": "supcon", "finetune": "supcon"}  # the second stage starts from the supcon encoder
+    baselines = {"baseline": ("supcon", "probe")}  # the CE baseline trains as many epochs as these two together
     all_stages = ("supcon", "probe", "finetune", "baseline")
 
     def __init__(self, config, data: DataInfo):
