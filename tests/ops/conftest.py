@@ -41,7 +41,7 @@ MEASURE_ENV = "VITFAST_MEASURE_ERRORS"
 # (UNMEASURED below) until the script runs on a GPU.
 TOLERANCES = {
     ("contrastive_loss", "triton", F32, "scalar"): (1.6e-06, 4e-07),
-    ("contrastive_loss", "triton", F32, "tensor"): (1.8e-06, 4.4e-07),
+    ("contrastive_loss", "triton", F32, "tensor"): (1.9e-06, 4.7e-07),
     ("contrastive_loss", "triton", F16, "scalar"): (0.002, 7.5e-05),
     ("contrastive_loss", "triton", F16, "tensor"): (0.004, 0.00099),
     ("contrastive_loss", "triton", BF16, "scalar"): (0.0079, 0.00088),
