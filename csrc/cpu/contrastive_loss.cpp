@@ -19,6 +19,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/_unique2.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/equal.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -43,6 +44,8 @@ constexpr int64_t kPoolColumns = 512;
 // Groups of anchor tiles with their own d_pool partial in the backward: the backward's parallelism, and its scratch
 // (kPoolGroups - 1 partials of [M, D]; group 0 writes into d_pool itself).
 constexpr int64_t kPoolGroups = 4;
+// Square tiles of the symmetric path (two 256 x 256 fp32 buffers per thread: the tile and its transpose).
+constexpr int64_t kSquareTile = 256;
 
 template <typename T>
 inline __attribute__((always_inline)) T exp_(T x) {
@@ -207,21 +210,159 @@ Problem problem(const at::Tensor& anchors, const at::Tensor& pool, const at::Ten
   return p;
 }
 
-// The logits of anchor rows [row0, row0 + rows) against pool columns [col0, col0 + cols) into s (ld kPoolColumns).
+// A tile over logits in s (leading dimension ld): anchor rows [row0, row0 + rows) against pool columns
+// [col0, col0 + cols). The symmetric path also makes one over the transpose of another tile.
+template <typename T>
+Tile<T> make_tile(const Problem& p, T* s, int64_t ld, int64_t row0, int64_t rows, int64_t col0, int64_t cols) {
+  return Tile<T>{s, rows, ld, col0, static_cast<int32_t>(cols), p.anchor_labels + row0, p.anchor_self + row0,
+                 p.pool_labels + col0};
+}
+
+// The logits of that tile, computed into s.
+template <typename T>
+Tile<T> logits(const Problem& p, bool blas, const T* a, const T* b, T inv_temperature, T* s, int64_t ld, int64_t row0,
+               int64_t rows, int64_t col0, int64_t cols) {
+  gemm<T>(blas, false, true, rows, cols, p.dim, inv_temperature, a + row0 * p.dim, p.dim, b + col0 * p.dim, p.dim, T(0),
+          s, ld);
+  return make_tile(p, s, ld, row0, rows, col0, cols);
+}
+
+// The generic path's tile: kAnchorRows-balanced anchor rows x kPoolColumns pool columns.
 template <typename T>
 Tile<T> tile_logits(const Problem& p, bool blas, const T* a, const T* b, T inv_temperature, T* s, int64_t row0,
                     int64_t col0) {
-  Tile<T> t{s,
-            std::min(p.anchor_tiles.rows, p.anchors - row0),
-            kPoolColumns,
-            col0,
-            static_cast<int32_t>(std::min(kPoolColumns, p.pool - col0)),
-            p.anchor_labels + row0,
-            p.anchor_self + row0,
-            p.pool_labels + col0};
-  gemm<T>(blas, false, true, t.rows, t.cols, p.dim, inv_temperature, a + row0 * p.dim, p.dim, b + col0 * p.dim,
-          p.dim, T(0), s, kPoolColumns);
-  return t;
+  return logits(p, blas, a, b, inv_temperature, s, kPoolColumns, row0, std::min(p.anchor_tiles.rows, p.anchors - row0),
+                col0, std::min(kPoolColumns, p.pool - col0));
+}
+
+// ---- symmetric path: the pool is the anchors themselves (NT-Xent, SupCon on one process) -----------------------
+// S = S^T, so only the tile pairs (I, J), I <= J, of a square tiling are computed: the tile gives rows I against
+// columns J, and its transpose rows J against columns I (labels, own columns and statistics stay per row). That halves
+// the forward's GEMM work and the backward's recomputation: 3 GEMM-equivalents in all instead of 4.
+//   forward:  every pair writes per-row partial statistics of its column block (no shared state), merged per row in
+//             column-block order: the same bits whatever the thread count. O(A^2 / kSquareTile) scratch.
+//   backward: dS_IJ and dS_JI from the one tile; four GEMMs add them to d_anchors[I], d_pool[J], d_anchors[J] and
+//             d_pool[I] of the pair's group (kPoolGroups groups of consecutive pairs, each with its own zeroed
+//             d_anchors and d_pool, summed in group order).
+bool symmetric(const at::Tensor& anchors, const at::Tensor& pool) {
+  return anchors.sizes() == pool.sizes() && at::equal(anchors, pool);
+}
+
+struct Pairs {
+  int64_t tile, tiles;
+  std::vector<std::array<int64_t, 2>> pairs;  // (I, J), I <= J, I-major
+  explicit Pairs(int64_t n) : tile(kSquareTile), tiles(std::max<int64_t>(1, (n + kSquareTile - 1) / kSquareTile)) {
+    for (int64_t i = 0; i < tiles; ++i)
+      for (int64_t j = i; j < tiles; ++j) pairs.push_back({i, j});
+  }
+  int64_t rows(int64_t n, int64_t i) const { return std::min(tile, n - i * tile); }
+};
+
+// Copies the rows x cols tile s (ld) transposed into st (ld).
+template <typename T>
+void transpose_tile(const T* s, int64_t rows, int64_t cols, int64_t ld, T* st) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) st[c * ld + r] = s[r * ld + c];
+}
+
+template <typename T>
+void forward_symmetric(const Problem& p, bool blas, const T* a, T inv_t, T* lse, int32_t* count, T* row_loss) {
+  const Pairs pairs(p.anchors);
+  const int64_t n = p.anchors, ld = pairs.tile;
+  // Partial statistics [column block][row]: max, sum, positive sum, count.
+  std::vector<T> part_max(pairs.tiles * n, -std::numeric_limits<T>::infinity()), part_sum(pairs.tiles * n, T(0)),
+      part_positive(pairs.tiles * n, T(0));
+  std::vector<int32_t> part_count(pairs.tiles * n, 0);
+  const auto stats = [&](int64_t block, int64_t row0) {
+    const int64_t at = block * n + row0;
+    return RowStats<T>{part_max.data() + at, part_sum.data() + at, part_positive.data() + at, part_count.data() + at};
+  };
+  at::parallel_for(0, static_cast<int64_t>(pairs.pairs.size()), 1, [&](int64_t w0, int64_t w1) {
+    std::vector<T> s(ld * ld), st(ld * ld);
+    for (int64_t w = w0; w < w1; ++w) {
+      const auto [i, j] = pairs.pairs[w];
+      const int64_t rows = pairs.rows(n, i), cols = pairs.rows(n, j);
+      const Tile<T> t = logits(p, blas, a, a, inv_t, s.data(), ld, i * ld, rows, j * ld, cols);
+      if (i != j) transpose_tile(s.data(), rows, cols, ld, st.data());  // before the row pass overwrites own columns
+      tile_forward_any(t, stats(j, i * ld));
+      if (i != j) tile_forward_any(make_tile(p, st.data(), ld, j * ld, cols, i * ld, rows), stats(i, j * ld));
+    }
+  });
+  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T max = -std::numeric_limits<T>::infinity(), sum = 0, positive = 0;
+      int32_t n_positive = 0;
+      for (int64_t block = 0; block < pairs.tiles; ++block) {  // block order: fixed
+        const int64_t at = block * n + r;
+        positive += part_positive[at];
+        n_positive += part_count[at];
+        const T block_max = part_max[at];
+        if (block_max == -std::numeric_limits<T>::infinity()) continue;
+        const T new_max = std::max(max, block_max);
+        sum = (max == -std::numeric_limits<T>::infinity() ? T(0) : sum * exp_<T>(max - new_max)) +
+              part_sum[at] * exp_<T>(block_max - new_max);
+        max = new_max;
+      }
+      count[r] = n_positive;
+      const T value = n_positive > 0 ? max + std::log(sum) : T(0);
+      lse[r] = value;
+      row_loss[r] = n_positive > 0 ? value - positive / static_cast<T>(n_positive) : T(0);
+    }
+  });
+}
+
+template <typename T>
+void backward_symmetric(const Problem& p, bool blas, const T* a, T inv_t, T weight, const T* lse, const int32_t* count,
+                        T* d_anchors, T* d_pool) {
+  const Pairs pairs(p.anchors);
+  const int64_t n = p.anchors, ld = pairs.tile, size = n * p.dim;
+  const int64_t total = static_cast<int64_t>(pairs.pairs.size()), groups = std::min(total, kPoolGroups);
+  // Group g's d_anchors and d_pool: the outputs for g = 0, zeroed scratch for the others.
+  std::vector<T> scratch(2 * (groups - 1) * size, T(0));
+  if (d_anchors != nullptr) std::fill(d_anchors, d_anchors + size, T(0));
+  if (d_pool != nullptr) std::fill(d_pool, d_pool + size, T(0));
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<T> s(ld * ld), st(ld * ld);
+    for (int64_t g = g0; g < g1; ++g) {
+      T* da = d_anchors == nullptr ? nullptr : g == 0 ? d_anchors : scratch.data() + (2 * (g - 1)) * size;
+      T* dp = d_pool == nullptr ? nullptr : g == 0 ? d_pool : scratch.data() + (2 * (g - 1) + 1) * size;
+      for (int64_t w = g * total / groups; w < (g + 1) * total / groups; ++w) {
+        const auto [i, j] = pairs.pairs[w];
+        const int64_t rows = pairs.rows(n, i), cols = pairs.rows(n, j);
+        const Tile<T> t = logits(p, blas, a, a, inv_t, s.data(), ld, i * ld, rows, j * ld, cols);
+        if (i != j) transpose_tile(s.data(), rows, cols, ld, st.data());
+        tile_backward_any(t, lse + i * ld, count + i * ld, weight);  // dS_IJ [rows, cols]
+        // (row block, column block, dS of those rows against those columns, its row count, column count)
+        const auto add = [&](int64_t ri, int64_t cj, const T* ds, int64_t nr, int64_t nc) {
+          if (da != nullptr)
+            gemm<T>(blas, false, false, nr, p.dim, nc, inv_t, ds, ld, a + cj * ld * p.dim, p.dim, T(1),
+                    da + ri * ld * p.dim, p.dim);
+          if (dp != nullptr)
+            gemm<T>(blas, true, false, nc, p.dim, nr, inv_t, ds, ld, a + ri * ld * p.dim, p.dim, T(1),
+                    dp + cj * ld * p.dim, p.dim);
+        };
+        add(i, j, s.data(), rows, cols);
+        if (i != j) {
+          tile_backward_any(make_tile(p, st.data(), ld, j * ld, cols, i * ld, rows), lse + j * ld, count + j * ld,
+                            weight);  // dS_JI [cols, rows]
+          add(j, i, st.data(), cols, rows);
+        }
+      }
+    }
+  });
+  if (groups > 1) {  // the other groups' partials, added in group order
+    at::parallel_for(0, size, 16384, [&](int64_t e0, int64_t e1) {
+      for (int64_t g = 1; g < groups; ++g) {
+        for (int which = 0; which < 2; ++which) {
+          T* __restrict dst = which == 0 ? d_anchors : d_pool;
+          if (dst == nullptr) continue;
+          const T* __restrict part = scratch.data() + (2 * (g - 1) + which) * size;
+#pragma omp simd
+          for (int64_t e = e0; e < e1; ++e) dst[e] += part[e];
+        }
+      }
+    });
+  }
 }
 
 template <typename T>
@@ -237,29 +378,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& an
   std::vector<T> row_loss(p.anchors);
   T* lse_p = lse.data_ptr<T>();
   int32_t* count_p = count.data_ptr<int32_t>();
-  const int64_t tile_rows = p.anchor_tiles.rows;
-  at::parallel_for(0, p.anchor_tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> s(tile_rows * kPoolColumns), max(tile_rows), sum(tile_rows), positive(tile_rows);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row0 = i * tile_rows, rows = std::min(tile_rows, p.anchors - row0);
-      std::fill(max.begin(), max.end(), -std::numeric_limits<T>::infinity());
-      std::fill(sum.begin(), sum.end(), T(0));
-      std::fill(positive.begin(), positive.end(), T(0));
-      std::fill(count_p + row0, count_p + row0 + rows, 0);
-      const RowStats<T> stats{max.data(), sum.data(), positive.data(), count_p + row0};
-      for (int64_t col0 = 0; col0 < p.pool; col0 += kPoolColumns) {
-        tile_forward_any(tile_logits<T>(p, blas, a, b, static_cast<T>(inv_temperature), s.data(), row0, col0),
-                         stats);
+  if (symmetric(anchors, pool)) {
+    forward_symmetric<T>(p, blas, a, static_cast<T>(inv_temperature), lse_p, count_p, row_loss.data());
+  } else {
+    const int64_t tile_rows = p.anchor_tiles.rows;
+    at::parallel_for(0, p.anchor_tiles.count, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> s(tile_rows * kPoolColumns), max(tile_rows), sum(tile_rows), positive(tile_rows);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row0 = i * tile_rows, rows = std::min(tile_rows, p.anchors - row0);
+        std::fill(max.begin(), max.end(), -std::numeric_limits<T>::infinity());
+        std::fill(sum.begin(), sum.end(), T(0));
+        std::fill(positive.begin(), positive.end(), T(0));
+        std::fill(count_p + row0, count_p + row0 + rows, 0);
+        const RowStats<T> stats{max.data(), sum.data(), positive.data(), count_p + row0};
+        for (int64_t col0 = 0; col0 < p.pool; col0 += kPoolColumns) {
+          tile_forward_any(tile_logits<T>(p, blas, a, b, static_cast<T>(inv_temperature), s.data(), row0, col0),
+                           stats);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t n = count_p[row0 + r];
+          // max is finite when n > 0 (a positive is an allowed column); lse and the loss are 0 without positives.
+          const T value = n > 0 ? max[r] + std::log(sum[r]) : T(0);
+          lse_p[row0 + r] = value;
+          row_loss[row0 + r] = n > 0 ? value - positive[r] / static_cast<T>(n) : T(0);
+        }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int32_t n = count_p[row0 + r];
-        // max is finite when n > 0 (a positive is an allowed column); lse and the loss are 0 without positives.
-        const T value = n > 0 ? max[r] + std::log(sum[r]) : T(0);
-        lse_p[row0 + r] = value;
-        row_loss[row0 + r] = n > 0 ? value - positive[r] / static_cast<T>(n) : T(0);
-      }
-    }
-  });
+    });
+  }
   double total = 0;  // row order: the same bits whatever the thread count
   for (int64_t r = 0; r < p.anchors; ++r) total += static_cast<double>(row_loss[r]);
   at::Tensor loss = at::full({}, loss_scale * total, anchors.options());
@@ -301,6 +446,11 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(double grad, const at::Tensor& 
                                          : at::empty(like.sizes(), like.options());
   };
   at::Tensor d_anchors = make(need_anchors, anchors), d_pool = make(need_pool, pool);
+  if (symmetric(anchors, pool)) {
+    backward_symmetric<T>(p, blas, a, inv_t, weight, lse_p, count_p, need_anchors ? d_anchors.data_ptr<T>() : nullptr,
+                          need_pool ? d_pool.data_ptr<T>() : nullptr);
+    return {d_anchors, d_pool};
+  }
   at::Tensor d_pool_parts = need_pool && groups > 1 ? at::empty({groups - 1, p.pool, p.dim}, pool.options())
                                                     : at::Tensor();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not BACKENDS.runs_on("cpu", torch.device("cpu"))
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 ANCHOR_ROWS, POOL_COLUMNS, POOL_GROUPS = 256, 512, 4  # contrastive_loss.cpp kAnchorRows, kPoolColumns, kPoolGroups
+SQUARE_TILE = 256  # contrastive_loss.cpp kSquareTile (the symmetric path: pool equal to the anchors)
 
 
 def anchor_tiles(rows):
@@ -34,13 +35,17 @@ def threads():
     torch.set_num_threads(before)
 
 
-def kernel_inputs(a, m, d, dtype, *, classes=None, self_every=1, scale=1.0, seed=0):
+def kernel_inputs(a, m, d, dtype, *, classes=None, self_every=1, scale=1.0, seed=0, symmetric=False):
     """(anchors [a, d], pool [m, d], anchor_labels, pool_labels, anchor_self): unit rows times `scale`; labels from
     `classes` classes (None: pool row i has label i, anchor r label r % m as InfoNCE); anchor r's own pool row is
-    (r * 7) % m for every `self_every`-th anchor, else -1."""
+    (r * 7) % m for every `self_every`-th anchor, else -1. symmetric: the pool is a copy of the anchors (a == m), the
+    kernel's symmetric path."""
     gen = torch.Generator().manual_seed(seed)
     anchors = torch.nn.functional.normalize(torch.randn(a, d, generator=gen, dtype=F64), dim=1) * scale
     pool = torch.nn.functional.normalize(torch.randn(m, d, generator=gen, dtype=F64), dim=1) * scale
+    if symmetric:
+        assert a == m
+        pool = anchors.clone()
     if classes is None:
         pool_labels, anchor_labels = torch.arange(m), torch.arange(a) % m
     else:
@@ -165,3 +170,59 @@ def test_public_ntxent_matches_reference(assert_close):
     assert_close(loss.detach(), want.detach(), F32, "cpu/loss")
     for got, expected in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(want, wide)):
         assert_close(got, expected, F32, "cpu/d_q")
+
+
+# ---- the symmetric path (pool equal to the anchors: NT-Xent, one-process SupCon) ----------------------------------
+
+@pytest.mark.parametrize("n, d, classes, self_every", [(600, 40, 5, 1), (257, 17, None, 2), (200, 9, 3, 1)])
+def test_symmetric_tiles(n, d, classes, self_every, assert_close):
+    # 600 rows: square tiles 256 + 256 + 88 (3 x 4 / 2 = 6 tile pairs, 3 diagonal); 257: one row past a tile; 200: one
+    # (diagonal) tile only. The own column lands in diagonal and off-diagonal tiles (self_every / (r * 7) % n).
+    check(kernel_inputs(n, n, d, F32, classes=classes, self_every=self_every, symmetric=True), F32, assert_close)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F64])
+def test_symmetric_widened_dtypes(dtype, assert_close):
+    check(kernel_inputs(300, 300, 24, dtype, classes=6, symmetric=True), dtype, assert_close)
+
+
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True)])
+def test_symmetric_one_sided_gradients(output_mask, assert_close):
+    check(kernel_inputs(520, 520, 12, F32, classes=3, symmetric=True), F32, assert_close, output_mask=output_mask)
+
+
+def test_symmetric_large_logits_and_rows_without_positives(assert_close):
+    anchors, pool, _, _, anchor_self = kernel_inputs(300, 300, 16, F32, scale=2.0, symmetric=True)
+    labels = torch.arange(300) % 150  # pairs of rows share a label ...
+    labels[:40] = 1000 + torch.arange(40)  # ... except 40 singletons: no positive besides themselves
+    inputs = (anchors, pool, labels, labels, torch.arange(300))
+    loss, lse, count, (d_anchors, d_pool) = run_cpu(inputs, 50.0, 1.0)
+    assert (count[:40] == 0).all() and (lse[:40] == 0).all() and (d_anchors[:40] == 0).all()
+    check(inputs, F32, assert_close, inv_temperature=50.0)
+
+
+def test_symmetric_thread_count_does_not_change_bits(threads):
+    # 5 square tiles: 15 tile pairs over 4 groups (forward: per-pair partial statistics merged in block order).
+    inputs = kernel_inputs(SQUARE_TILE * 4 + 30, SQUARE_TILE * 4 + 30, 20, F32, classes=7, symmetric=True)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        results.append(run_cpu(inputs, 5.0, 1.0 / inputs[0].shape[0]))
+    for other in results[1:]:
+        for x, y in zip(results[0][:3] + tuple(results[0][3]), other[:3] + tuple(other[3])):
+            assert torch.equal(x, y)
+
+
+def test_symmetric_and_general_paths_agree(assert_close):
+    # The same problem through both paths: pool a copy of the anchors (symmetric) and that copy with one element
+    # nudged by far less than fp32 resolves in the loss (general path).
+    inputs = kernel_inputs(520, 520, 12, F32, classes=4, symmetric=True)
+    nudged = inputs[1].clone()
+    nudged[0, 0] = torch.nextafter(nudged[0, 0], torch.tensor(2.0))
+    general = (inputs[0], nudged) + inputs[2:]
+    sym = run_cpu(inputs, 5.0, 1.0)
+    gen = run_cpu(general, 5.0, 1.0)
+    assert torch.equal(sym[2], gen[2])
+    assert_close(sym[0], gen[0].double(), F32, "cpu/loss")
+    for a, b in zip(sym[3], gen[3]):
+        assert_close(a, b.double(), F32, "cpu/d_anchors")
