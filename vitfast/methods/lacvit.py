@@ -31,10 +31,12 @@ from .base import DataInfo, Method
 
 @dataclass
 class LaCViTConfig:
-    supcon_temperature: float = setting(0.1, "SupCon temperature tau (stage supcon)")
-    base_temperature: float = setting(0.07, "SupCon tau_base: the loss is multiplied by tau / tau_base")
-    projection_dim: int = setting(128, "output width of the SupCon projection head")
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy (stages probe, finetune, baseline)")
+    supcon_temperature: float = setting(0.1, "SupCon temperature tau (stage supcon)", within="(0, inf)")
+    base_temperature: float = setting(0.07, "SupCon tau_base: the loss is multiplied by tau / tau_base",
+                                     within="(0, inf)")
+    projection_dim: int = setting(128, "output width of the SupCon projection head", within="[1, inf)")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy (stages probe, finetune, baseline)",
+                                    within="[0, 1]")
 
 
 def _stage_epochs(supcon: int, second: int, **extra) -> Dict[str, Dict]:
