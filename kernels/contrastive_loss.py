@@ -27,6 +27,8 @@ registers), sum the scores over BLOCK_D chunks, and the backward writes BLOCK_OU
 Dots take the input dtype: fp16/bf16 on tensor cores, fp32 as TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (IEEE). float64 is not taken (the op's declaration).
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -297,7 +299,16 @@ def _aot_specs() -> list:
                                 grad_ptr=ty),
                 dict(POOL=is_pool), ints=_INTS, floats=_FLOATS,
                 variant=f"{'d_pool' if is_pool else 'd_anchors'} {name}")
-    return specs
+    # fp32 shares its entries between D classes: each distinct build once, labelled with its classes ("d128/d256")
+    merged = {}
+    for spec in specs:
+        key = (spec.name, tuple(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages, spec.signature[
+            "grad_ptr" if "grad_ptr" in spec.signature else "anchors_ptr"])
+        if key in merged:
+            merged[key] = dataclasses.replace(merged[key], variant=f"{merged[key].variant}/{spec.variant.split()[-1]}")
+        else:
+            merged[key] = spec
+    return list(merged.values())
 
 
 AOT_SPECS = _aot_specs()
