@@ -3,9 +3,10 @@ against the float64 kernel-level reference. test_contrastive_loss.py holds every
 reference over the positive modes at small shapes; here: several anchor tiles and pool tiles with ragged tails, the
 anchor's own column in every position of a pool tile, the backward's d_pool group partials and their thread-count
 independence (bitwise), fp16/bf16 widening, logits far beyond exp's range, anchors without positives next to ones with,
-one-sided gradients, and the at::addmm_out GEMM path.
+one-sided gradients, and the at::addmm_out GEMM path; then the same for the symmetric path (pool equal to the anchors,
+tile pairs I <= J) and its agreement with the general path.
 
-Cost: about 10 s on 2 cores (the largest case is 600 anchors x 1100 pool rows).
+Cost: about 20 s on 2 cores (the largest case is 600 anchors x 1100 pool rows).
 """
 import pytest
 import torch
