@@ -254,8 +254,7 @@ def contrastive_loss_backward(grad_loss, anchors, pool, anchor_labels, pool_labe
     """(d_anchors [A, D], d_pool [M, D]) in the inputs' dtype, None where output_mask is False; lse and count are
     the forward's saved statistics."""
     _check_dtype(anchors)
-    A, D = anchors.shape
-    M = pool.shape[0]
+    D = anchors.shape[1]
     cfg = BACKWARD_CONFIG[d_class(D)][anchors.dtype]
     n_chunks = triton.cdiv(D, cfg["BLOCK_OUT"])
     grad_loss = grad_loss.reshape(()) if grad_loss.dtype == torch.float32 else grad_loss.float().reshape(())
