@@ -106,6 +106,9 @@ CASES = {
     "mae-bf16-droppath": ("mae", 6, dict(precision="bf16", drop_path=0.3, eval_every=1, metrics="knn")),
     "mae-fp16": ("mae", 3, dict(precision="fp16")),
     "relvit-upstream-bf16": ("relvit", 6, dict(precision="bf16", drop_path=0.3)),
+    "simclr-bf16-droppath": ("simclr", 6, dict(precision="bf16", drop_path=0.3)),
+    # The momentum teacher (its EMA weights and copied BatchNorm buffers) is part of the compared state.
+    "mocov3-fp16-knn": ("mocov3", 3, dict(precision="fp16", eval_every=1, metrics="knn")),
 }
 
 
