@@ -179,3 +179,9 @@ def test_a_failed_download_names_the_url_and_the_folder(tmp_path, monkeypatch):
     message = str(error.value)
     assert "downloading cifar10 failed (URLError" in message
     assert torchvision.datasets.CIFAR10.url in message and str(tmp_path / "cifar-10-batches-py") in message
+
+
+def test_an_unknown_stage_is_one_line(tmp_path):
+    assert_one_line_error(train("--method", "relvit", "--stage", "nope", cwd=tmp_path),
+                          "relvit stage must be one of upstream, finetune, scratch, joint, got 'nope'")
+    assert_one_line_error(train("--method", "mae", "--stage", "x", cwd=tmp_path), "mae has no stages")

@@ -193,6 +193,7 @@ def validate(config: "TrainConfig") -> "TrainConfig":
     from .nn.vit import VIT_CONFIGS  # noqa: PLC0415 (the model table; torch loads here, not at CLI start)
     if config.model not in VIT_CONFIGS:
         raise UserError(f"model must be one of {', '.join(sorted(VIT_CONFIGS))}, got {config.model!r}")
+    _method_class(config.method).stage_of(config)  # an unknown --stage fails here, before anything starts
     settings = config.method_config
     setting_hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..config import TrainConfig
+from ..config import TrainConfig, UserError
 from ..nn import ViT
 
 
@@ -53,12 +53,26 @@ class Method(nn.Module):
     stages: Tuple[str, ...] = ()       # multi-stage methods: the stages one command runs, in order
     stage_init: Dict[str, str] = {}    # stage -> the stage whose encoder initialises it
     baselines: Dict[str, Tuple[str, ...]] = {}  # baseline stage -> the stages whose epochs it gets (equal budget)
+    all_stages: Tuple[str, ...] = ()   # every stage --stage accepts (default: ``stages``)
     random_init_baseline = True
 
     def __init__(self, config: TrainConfig, data: DataInfo):
         super().__init__()
         self.config, self.data = config, data
         self.steps_per_epoch = 1  # the engine sets the real value before training
+
+    @classmethod
+    def stage_of(cls, config: TrainConfig) -> str:
+        """The stage ``config`` runs: ``--stage``, else the first of ``stages`` (a one-line error if unknown)."""
+        known = cls.all_stages or cls.stages
+        if not known:
+            if config.stage:
+                raise UserError(f"{cls.name} has no stages, got --stage {config.stage}")
+            return ""
+        stage = config.stage or known[0]
+        if stage not in known:
+            raise UserError(f"{cls.name} stage must be one of {', '.join(known)}, got {stage!r}")
+        return stage
 
     def build_encoder(self, num_classes: int = 0, pos_embed: str = "learned", **kwargs) -> ViT:
         c = self.config

@@ -78,9 +78,7 @@ class LaCViT(Method):
 
     def __init__(self, config, data: DataInfo):
         super().__init__(config, data)
-        stage = config.stage or "supcon"
-        if stage not in self.all_stages:
-            raise ValueError(f"lacvit stage must be one of {self.all_stages}, got {stage!r}")
+        stage = self.stage_of(config)
         self.stage = stage
         s = config.method_config
         self.random_init_baseline = stage == "supcon"  # the other stages train with labels and report accuracy

@@ -57,9 +57,7 @@ class RelViT(Method):
 
     def __init__(self, config, data: DataInfo):
         super().__init__(config, data)
-        stage = config.stage or "upstream"
-        if stage not in self.all_stages:
-            raise ValueError(f"relvit stage must be one of {self.all_stages}, got {stage!r}")
+        stage = self.stage_of(config)
         self.stage = stage
         classify = stage != "upstream"
         self.model = self.build_encoder(num_classes=data.num_classes if classify else 0,
