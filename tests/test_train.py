@@ -45,6 +45,17 @@ def test_run_folder_contents(tmp_path):
     assert state["step"] == summary["steps"] > 0
 
 
+def test_random_init_baseline_has_every_configured_metric(tmp_path):
+    """A self-supervised run reports k-NN, linear probe and clustering of its encoder at initialisation beside the
+    trained encoder's, and the baseline does not change the training (it draws no random numbers of the run)."""
+    summary, state = run(tmp_path, "with", method="mae", epochs=1, metrics="knn,linear,clustering", probe_epochs=2)
+    baseline = summary["random_init"]
+    assert baseline["knn_accuracy"] == summary["random_init_knn_accuracy"]
+    assert 0.0 <= baseline["linear_probe"]["test_accuracy"] <= 1.0 and 0.0 <= baseline["clustering"]["accuracy"] <= 1
+    _, without = run(tmp_path, "without", method="mae", epochs=1, metrics="")
+    assert all(torch.equal(state["method"][k], without["method"][k]) for k in state["method"])
+
+
 @pytest.mark.parametrize("method", ["mae", "supervised"])
 def test_resume_is_exact(tmp_path, method):
     """Stopping mid-epoch and resuming gives the same weights as an uninterrupted run (same data order and RNG)."""
