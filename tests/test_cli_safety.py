@@ -185,3 +185,16 @@ def test_an_unknown_stage_is_one_line(tmp_path):
     assert_one_line_error(train("--method", "relvit", "--stage", "nope", cwd=tmp_path),
                           "relvit stage must be one of upstream, finetune, scratch, joint, got 'nope'")
     assert_one_line_error(train("--method", "mae", "--stage", "x", cwd=tmp_path), "mae has no stages")
+
+
+def test_print_config_says_nothing_false(tmp_path):
+    """The model's real sizes (from its table entry when the preset leaves them open), and no base_lr beside an
+    explicit lr (it would not be used)."""
+    import json
+    mae_paper = json.loads(train("--method", "mae", "--preset", "paper", "--print-config", cwd=tmp_path).stdout)
+    assert (mae_paper["model"], mae_paper["embed_dim"], mae_paper["depth"], mae_paper["num_heads"],
+            mae_paper["patch_size"]) == ("small_data", 192, 9, 12, 4)
+    assert (mae_paper["lr"], mae_paper["base_lr"]) == (None, 1.5e-4)
+    explicit = json.loads(train("--method", "mae", "--preset", "paper", "--lr", "1e-3", "--print-config",
+                                cwd=tmp_path).stdout)
+    assert (explicit["lr"], explicit["base_lr"]) == (1e-3, None)

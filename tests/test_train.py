@@ -171,6 +171,15 @@ def test_presets_resolve_as_before_the_settings_moved():
             assert {s: {k: v for k, v in values.items() if k != "epochs"} for s, values in stages.items()} == \
                 {s: {k: v for k, v in values.items() if k != "epochs"} for s, values in old["stage_overrides"].items()}
             old = {k: v for k, v in old.items() if k not in ("epochs", "stage_overrides")}
+        # Now said explicitly: the model's sizes from its table entry, and no base_lr beside an explicit lr.
+        from vitfast.nn.vit import VIT_CONFIGS
+        for size in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size"):
+            if old[size] is None:
+                assert flat.pop(size) == VIT_CONFIGS[old["model"]][size], (key, size)
+                old = {k: v for k, v in old.items() if k != size}
+        if old["lr"] is not None:
+            assert flat.pop("base_lr") is None, key
+            old = {k: v for k, v in old.items() if k != "base_lr"}
         assert flat == {k: old[k] for k in flat}, key
         others = {f.name for m, cls in METHODS.items() if m != method for f in dataclasses.fields(cls.Config)}
         assert set(old) - set(flat) <= others, key

@@ -82,7 +82,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128                  # per process
     lr: Optional[float] = None             # absolute peak lr; None = base_lr * global batch / 256
-    base_lr: float = 1e-3
+    base_lr: Optional[float] = 1e-3        # None (unused) when lr is given
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: Tuple[float, float] = (0.9, 0.999)
@@ -224,8 +224,25 @@ def config_from_values(method: str, values: Dict[str, Any]) -> TrainConfig:
             raise UserError(f"unknown config keys {bad} in the values of stage {stage!r} of method {method!r}")
     shared = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v)
               for k, v in values.items() if k in SHARED_FIELDS and k != "method"}
-    return validate(TrainConfig(method=method, **shared,
-                                method_config=cls.Config(**{k: v for k, v in values.items() if k in own})))
+    config = TrainConfig(method=method, **shared,
+                         method_config=cls.Config(**{k: v for k, v in values.items() if k in own}))
+    return validate(_resolved(config))
+
+
+def _resolved(config: "TrainConfig") -> "TrainConfig":
+    """Say nothing false: an explicit ``lr`` makes ``base_lr`` unused (None), and the model's sizes are those of
+    its table entry (``vitfast.nn.VIT_CONFIGS``) unless given, so ``--print-config`` and config.json show the real
+    model."""
+    if config.lr is not None:
+        config.base_lr = None
+    elif config.base_lr is None:
+        raise UserError("give lr (the peak learning rate) or base_lr (scaled by the global batch / 256)")
+    from .nn.vit import VIT_CONFIGS  # noqa: PLC0415
+    table = VIT_CONFIGS.get(config.model, {})
+    for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size"):
+        if getattr(config, key) is None and key in table:
+            setattr(config, key, table[key])
+    return config
 
 
 def build_config(method: str, preset: str = "quick", **overrides: Any) -> TrainConfig:
