@@ -39,6 +39,7 @@ def test_run_folder_contents(tmp_path):
     assert json.loads((folder / "config.json").read_text())["method"] == "supervised"
     rows = (folder / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("epoch,step")
+    assert "train_accuracy" in rows[0].split(",") and "val_accuracy" in rows[0].split(",")  # accuracy.png's curves
     written = json.loads((folder / "summary.json").read_text())
     for key in ("test_accuracy", "val_accuracy", "knn_accuracy"):
         assert 0.0 <= written[key] <= 1.0, key

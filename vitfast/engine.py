@@ -442,6 +442,8 @@ class Trainer:
         row = {"epoch": epoch + 1, "step": self.step, **row, "seconds": seconds,
                "images_per_second": self.epoch_count * self.config.batch_size * self.dist.world_size / max(seconds, 1e-9)}
         self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
+        if self.dist.is_main:
+            row.update(self.method.epoch_metrics(self.splits, self.eval_transform, self.device))
         if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0 and self.dist.is_main:
             row["knn_accuracy"] = self._knn()
         self.history.append(row)

@@ -6,7 +6,7 @@ The model is scored as it is (the final epoch's weights): nothing is selected on
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,15 +14,15 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def classification_accuracy(model: nn.Module, splits: Mapping[str, object], transform: Callable[[Tensor], Tensor],
-                            device, batch_size: int = 512) -> Dict[str, float]:
-    """Accuracy of ``model`` (uint8 images -> ``transform`` -> logits [B, classes]) on the val and test splits.
+                            device, batch_size: int = 512, which: Sequence[str] = ("val", "test")) -> Dict[str, float]:
+    """Accuracy of ``model`` (uint8 images -> ``transform`` -> logits [B, classes]) on the splits ``which``.
 
     A split needs ``.images`` uint8 [N, C, H, W] and ``.labels`` int64 [N]. Returns
     ``{"val_accuracy": float, "test_accuracy": float}`` (0 for an empty split).
     """
     model.eval()
     result = {}
-    for split in ("val", "test"):
+    for split in which:
         data = splits[split]
         correct = 0
         for start in range(0, len(data.labels), batch_size):

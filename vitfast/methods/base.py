@@ -20,13 +20,14 @@ Class attributes the registry, the CLI and the engine read (README "Adding a met
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import checkpoint
 from ..config import TrainConfig, UserError
+from ..eval.classification import classification_accuracy
 from ..nn import ViT
 
 
@@ -142,6 +143,18 @@ class Method(nn.Module):
         tokens = self.encoder.forward_features(images)
         return self.encoder.forward_head(tokens, pre_logits=True)
 
+    def classifier(self) -> Optional[nn.Module]:
+        """The model whose logits [B, classes] are scored (uint8 images -> eval transform -> logits), for a method or
+        stage that trains a classifier; None otherwise."""
+        return None
+
     def evaluate(self, splits, transform, device, progress: bool) -> Dict:
-        """Method-specific final metrics (the engine adds the representation metrics)."""
-        return {}
+        """Method-specific final metrics (the engine adds the representation metrics): a classifier's val and test
+        accuracy of the final weights."""
+        model = self.classifier()
+        return {} if model is None else classification_accuracy(model, splits, transform, device)
+
+    def epoch_metrics(self, splits, transform, device) -> Dict[str, float]:
+        """Logged after every epoch (the val curve of accuracy.png): a classifier's val accuracy; never test."""
+        model = self.classifier()
+        return {} if model is None else classification_accuracy(model, splits, transform, device, which=("val",))

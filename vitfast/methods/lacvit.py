@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ..config import setting
 from ..data import augment
-from ..eval.classification import classification_accuracy
 from ..nn.contrastive import SupConLoss
 from ..nn.heads import projection_head
 from .base import DataInfo, Method
@@ -135,7 +134,5 @@ class LaCViT(Method):
         loss = F.cross_entropy(logits, labels, label_smoothing=s.label_smoothing)
         return loss, {"train_accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
-    def evaluate(self, splits, transform, device, progress: bool) -> Dict:
-        if self.stage == "supcon":
-            return {}
-        return classification_accuracy(self.model, splits, transform, device)
+    def classifier(self):
+        return None if self.stage == "supcon" else self.model

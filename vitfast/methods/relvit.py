@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ..config import setting
 from ..data import augment
-from ..eval.classification import classification_accuracy
 from ..nn.relation_head import RelationHead
 from .base import DataInfo, Method
 
@@ -92,7 +91,5 @@ class RelViT(Method):
             metrics["train_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
         return loss, metrics
 
-    def evaluate(self, splits, transform, device, progress: bool) -> Dict:
-        if self.stage == "upstream":
-            return {}
-        return classification_accuracy(self.model, splits, transform, device)
+    def classifier(self):
+        return None if self.stage == "upstream" else self.model

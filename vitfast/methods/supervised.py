@@ -15,7 +15,6 @@ from torch import Tensor
 from ..config import setting
 from ..data import augment
 from ..data.regularizers import autoaugment, mix_batch, random_erasing
-from ..eval.classification import classification_accuracy
 from .base import DataInfo, Method
 
 
@@ -71,6 +70,6 @@ class Supervised(Method):
         accuracy = (logits.argmax(1) == labels).float().mean()
         return loss, {"train_accuracy": accuracy.item()}
 
-    def evaluate(self, splits, transform, device, progress: bool) -> Dict:
-        return classification_accuracy(self.model, splits, transform, device)
+    def classifier(self):
+        return self.model
 
