@@ -41,7 +41,9 @@ def test_relvit_stages_run_in_one_command(tmp_path):
     tiny = dict(embed_dim=36, depth=1, num_heads=2, patch_size=8, batch_size=32, progress=False, epochs=1,
                 max_steps=None)
     config = build_config("relvit", "quick", out=str(tmp_path), **tiny)
-    assert config.stage_overrides["upstream"] == {"metrics": "knn"}  # the user's epochs win over the preset's
+    # The user's epochs are the pipeline's budget: a stage gets at least one, the scratch baseline their sum.
+    assert config.stage_overrides["upstream"] == {"metrics": "knn", "epochs": 1}
+    assert (config.stage_overrides["finetune"]["epochs"], config.stage_overrides["scratch"]["epochs"]) == (1, 2)
     summary = run(config)
     assert set(summary["stages"]) == {"upstream", "finetune", "scratch"}
     stored = json.loads((tmp_path / "summary.json").read_text())

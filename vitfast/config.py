@@ -273,28 +273,31 @@ def with_total_epochs(config: "TrainConfig", total: int) -> "TrainConfig":
 
 def _budget_epochs(cls, values: Dict[str, Any], preset: Dict[str, Any], total: Optional[int]) -> None:
     """Multi-stage methods: ``epochs`` is the budget of the whole pipeline (its stages other than the baselines).
-    ``--epochs N`` scales those stages in proportion to the preset's split so that they add up to N; a baseline
-    stage (``Method.baselines``) gets the sum of the stages it is measured against, so the budgets stay equal."""
+    ``--epochs N`` scales those stages in proportion to the preset's split so that they add up to N (at least one
+    epoch each); a baseline stage (``Method.baselines``) gets the sum of the stages it is measured against, so the
+    budgets stay equal. Without ``--epochs`` the per-stage values (the preset's, or those given) stand."""
     per_stage = values["stage_overrides"]
-    default = preset.get("epochs", TrainConfig.epochs)
     pipeline = [s for s in cls.stages if s not in cls.baselines]
-    planned = {s: preset.get("stage_overrides", {}).get(s, {}).get("epochs", default) for s in pipeline}
-    if total is not None:
-        if total < len(pipeline):
-            raise UserError(f"epochs must be at least {len(pipeline)} for {cls.name} (one per stage: "
-                            f"{', '.join(pipeline)}), got {total}")
-        share = sum(planned.values())
-        scaled, left = {}, total
+    if total is None:
+        default = values.get("epochs", TrainConfig.epochs)
+        planned = {s: per_stage.get(s, {}).get("epochs", default) for s in pipeline}
+    else:
+        default = preset.get("epochs", TrainConfig.epochs)
+        planned = {s: preset.get("stage_overrides", {}).get(s, {}).get("epochs", default) for s in pipeline}
+        share, left, scaled = sum(planned.values()), total, {}
         for i, stage in enumerate(pipeline):
             rest = len(pipeline) - i - 1
-            scaled[stage] = left - rest if not rest else max(1, min(left - rest, round(total * planned[stage] / share)))
+            scaled[stage] = max(1, left - rest if not rest else min(left - rest, round(total * planned[stage] / share)))
             left -= scaled[stage]
         planned = scaled
     for stage, epochs in planned.items():
         per_stage.setdefault(stage, {})["epochs"] = epochs
     for baseline, measured_against in cls.baselines.items():
-        per_stage.setdefault(baseline, {})["epochs"] = sum(planned[s] for s in measured_against)
-    values["epochs"] = sum(planned.values())
+        if total is not None or "epochs" not in per_stage.get(baseline, {}):
+            per_stage.setdefault(baseline, {})["epochs"] = sum(planned[s] for s in measured_against)
+    # The pipeline's total; a value below one epoch per stage stays as given (a Trainer built on this config alone
+    # trains that many).
+    values["epochs"] = total if total is not None and total < len(pipeline) else sum(planned.values())
 
 
 def config_from_dict(stored: Dict[str, Any], source: str = "config") -> TrainConfig:
