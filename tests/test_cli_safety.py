@@ -197,3 +197,12 @@ def test_print_config_says_nothing_false(tmp_path):
     explicit = json.loads(train("--method", "mae", "--preset", "paper", "--lr", "1e-3", "--print-config",
                                 cwd=tmp_path).stdout)
     assert (explicit["lr"], explicit["base_lr"]) == (1e-3, None)
+
+
+def test_no_progress_bars_without_a_terminal(tmp_path):
+    """Progress is on by default, but a log file (no terminal) gets one line per epoch and no bar redraws."""
+    args = [a for a in TINY if a != "--no-progress"]
+    result = train(*args, "--epochs", "1", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+    assert sum(line.startswith("[vitfast] epoch=1 ") for line in result.stdout.splitlines()) == 1
