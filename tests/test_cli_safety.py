@@ -206,3 +206,14 @@ def test_no_progress_bars_without_a_terminal(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\r" not in result.stderr and "it/s" not in result.stderr
     assert sum(line.startswith("[vitfast] epoch=1 ") for line in result.stdout.splitlines()) == 1
+
+
+def test_a_failed_download_through_the_command(tmp_path):
+    """The real command, offline: a proxy on a closed local port makes every download fail at once."""
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    result = subprocess.run([sys.executable, TRAIN, *TINY, "--dataset", "cifar10", "--download", "--data-root", "data",
+                             "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert_one_line_error(result, "downloading cifar10 failed", "cifar-10-python.tar.gz",
+                          "into data/cifar-10-batches-py")
+    assert not (tmp_path / "run").exists()
