@@ -62,13 +62,11 @@ def _run_file_in(folder: str) -> Optional[str]:
     """The first run file in ``folder`` or one of its stage subfolders (None: it holds no run)."""
     if not os.path.isdir(folder):
         return None
-    for name in RUN_FILES:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    for entry in sorted(os.listdir(folder)):
-        sub = os.path.join(folder, entry)
-        if os.path.isdir(sub) and any(os.path.isfile(os.path.join(sub, name)) for name in RUN_FILES):
-            return next(os.path.join(sub, n) for n in RUN_FILES if os.path.isfile(os.path.join(sub, n)))
+    subfolders = [os.path.join(folder, entry) for entry in sorted(os.listdir(folder))]
+    for where in [folder] + [sub for sub in subfolders if os.path.isdir(sub)]:
+        for name in RUN_FILES:
+            if os.path.isfile(os.path.join(where, name)):
+                return os.path.join(where, name)
     return None
 
 

@@ -153,7 +153,7 @@ def as_rank_one_of_two(q, k, kwargs, backend, monkeypatch):
     monkeypatch.setattr(module, "rank", lambda: 1)
     monkeypatch.setattr(module, "world_size", lambda: 2)
     monkeypatch.setattr(module, "gather_rows_with_grad", lambda x: torch.cat([next(others), x]))
-    monkeypatch.setattr(module, "_gather_labels", lambda labels: kwargs["labels"])
+    monkeypatch.setattr(module, "gather_rows", lambda labels: kwargs["labels"])  # the labels gather
     local = {**kwargs, **({"labels": kwargs["labels"][half:]} if "labels" in kwargs else {})}
     leaves = [t[half:].clone().requires_grad_() for t in (q, k) if t is not None]
     loss = contrastive_loss(*leaves, gather_distributed=True, backend=backend, **local)

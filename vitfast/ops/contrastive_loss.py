@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..distributed import gather_rows_with_grad, rank, world_size
+from ..distributed import gather_rows, gather_rows_with_grad, rank, world_size
 from ._backend import NO_FLOAT64, declare_backends
 from ._checks import FLOATING, Checker, accumulation_dtype
 
@@ -202,19 +202,19 @@ def _layout(q: Tensor, k: Optional[Tensor], positives: str, labels: Optional[Ten
     """(anchors, pool, anchor_labels, pool_labels, anchor_self) of the kernel-level form for this rank."""
     here, world = (rank(), world_size()) if gather else (0, 1)
     batch, device = q.shape[0], q.device
-    gather_rows = gather_rows_with_grad if gather else (lambda x: x)
+    gather_views = gather_rows_with_grad if gather else (lambda x: x)  # the features, with their gradient
     local_ids = here * batch + torch.arange(batch, device=device)  # this rank's rows in the gathered batch
     if positives == "diagonal":
         pool_labels = torch.arange(world * batch, device=device)
-        return q, gather_rows(k), local_ids, pool_labels, torch.full_like(local_ids, -1)
+        return q, gather_views(k), local_ids, pool_labels, torch.full_like(local_ids, -1)
     views = [q] if k is None else [q, k]
     if positives == "ntxent":
         row_labels, pool_row_labels = local_ids, torch.arange(world * batch, device=device)
     else:
         row_labels = labels
-        pool_row_labels = labels if not gather else _gather_labels(labels)
+        pool_row_labels = gather_rows(labels) if gather else labels  # integers: no gradient
     anchors = torch.cat(views) if len(views) > 1 else q
-    pool = torch.cat([gather_rows(v) for v in views]) if len(views) > 1 else gather_rows(q)
+    pool = torch.cat([gather_views(v) for v in views]) if len(views) > 1 else gather_views(q)
     anchor_labels = torch.cat([row_labels] * len(views))
     pool_labels = torch.cat([pool_row_labels] * len(views))
     anchor_self = torch.cat([view * world * batch + local_ids for view in range(len(views))])
@@ -225,11 +225,6 @@ def _normalize(x: Tensor) -> Tensor:
     """Unit rows in x's dtype, computed in the accumulation dtype: the rows are rounded once, and the gradient
     through the normalisation (a difference of nearly equal terms) is formed in fp32, not in fp16 / bf16."""
     return F.normalize(x.to(accumulation_dtype(x.dtype)), dim=1).to(x.dtype)
-
-
-def _gather_labels(labels: Tensor) -> Tensor:
-    from ..distributed import gather_rows  # noqa: PLC0415 (the no-gradient gather; labels are integers)
-    return gather_rows(labels)
 
 
 def contrastive_loss(q: Tensor, k: Optional[Tensor] = None, *, temperature: float, positives: str = "diagonal",
