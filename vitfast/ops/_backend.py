@@ -79,7 +79,7 @@ class Implementation(NamedTuple):
 class OpBackends:
     """The backends of one op (build it with :func:`declare_backends`).
 
-    ``reference``: (forward, backward) in plain PyTorch: the ``torch`` backend.
+    ``reference``: (forward, backward) in plain PyTorch: the ``torch`` backend (backward None: an op without one).
     ``native``:    (forward, backward) schema names in ``torch.ops.vitfast_C``; ``cpu`` / ``cuda`` run where
                    the forward schema has a kernel for the CPU / CUDA dispatch key.
     ``triton``:    (module, forward, backward): the launchers, imported on first use (triton only then).
@@ -139,9 +139,9 @@ class OpBackends:
             return Implementation(*self.reference)
         if name in ("cpu", "cuda"):  # one schema; the dispatcher picks the CPU or CUDA kernel by device
             extension()
-            return Implementation(*(getattr(torch.ops.vitfast_C, schema) for schema in self.native))
+            return Implementation(*(getattr(torch.ops.vitfast_C, schema) if schema else None for schema in self.native))
         module = importlib.import_module(self.triton[0])
-        return Implementation(getattr(module, self.triton[1]), getattr(module, self.triton[2]))
+        return Implementation(*(getattr(module, name) if name else None for name in self.triton[1:]))
 
 
 _REGISTRY: Dict[str, OpBackends] = {}
