@@ -241,7 +241,7 @@ def dino_loss(student: Tensor, teacher: Tensor, prototypes: Tensor, centre: Tens
     check.same_dtype("student", student, teacher=teacher, prototypes=prototypes, teacher_prototypes=teacher_prototypes)
 
     w_s = _unit_rows(prototypes)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # teacher_mean in the accumulation dtype
         w_t = w_s.detach() if teacher_prototypes is None else _unit_rows(teacher_prototypes)
         teacher = teacher.detach()
         dtype = accumulation_dtype(student.dtype)
