@@ -26,7 +26,8 @@ import torch
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 # A new op: add its name.
-OPS = ("contrastive_loss", "masked_patch_embed", "masked_pixel_loss", "relation_loss", "relation_mlp_loss")
+OPS = ("contrastive_loss", "dino_loss", "masked_patch_embed", "masked_pixel_loss", "nn_topk", "relation_loss",
+       "relation_mlp_loss")
 KINDS = ("scalar", "tensor")
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 # band = FACTOR x measured. bf16 gets 2: its results' own rounding (up to 0.4 %, 0.8 % with a bf16 upstream gradient)
