@@ -2,7 +2,8 @@
 sm_90a with no register spill, and the GEMM kernels use tensor cores.
 
 The check runs in a child process without TRITON_INTERPRET (the suite runs under the interpreter, which
-replaces @triton.jit at import). It takes about a minute on 2 cores; it runs once per session.
+replaces @triton.jit at import). It runs once per session: 5+ minutes on 2 cores when every kernel is built, seconds
+when the rows of unchanged builds come from its cache (vitfast.compile_check: keyed by a hash of every input).
 """
 import json
 import os
@@ -37,7 +38,7 @@ def report(pytestconfig):
     if terminal is not None and capture is not None:
         with capture.global_and_fixture_disabled():  # inside a test the terminal is captured
             terminal.write_line("\n[compile check] building every Triton kernel and .cu file for sm_80 and sm_90a "
-                                "(3 to 5 minutes on 2 cores) ...")
+                                "(5+ minutes on 2 cores; builds unchanged since they passed are reused) ...")
     code, data, res = _run(["--json"])
     return code, data, res.stderr
 
@@ -206,3 +207,35 @@ def test_demangled_names_are_short():
             "(vitfast::cuda::(anonymous namespace)::Pack<__half, 8> const*, long const*)")
     assert compile_check._short(name) == "gather_kernel<__half, 8>"
     assert compile_check._short("plain") == "plain"
+
+
+def _kernels_folder(tmp_path):
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    for name, text in (("__init__.py", "# package\n"), ("_common.py", "X = 1\n"),
+                       ("alpha.py", "from ._common import X\n"), ("beta.py", "Y = 2\n")):
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_cache_key_follows_every_input_of_a_build(tmp_path):
+    folder = _kernels_folder(tmp_path)
+    key = lambda index=0, cap=80: compile_check.job_key(("triton", (str(folder), "alpha", index, cap)))
+    first = key()
+    assert key() == first and key(index=1) != first and key(cap=90) != first
+    (folder / "beta.py").write_text("Y = 3\n")  # a module alpha does not import
+    assert key() == first
+    (folder / "_common.py").write_text("X = 2\n")
+    second = key()
+    assert second != first
+    (folder / "alpha.py").write_text("from ._common import X\n# edited\n")
+    assert key() != second
+
+
+def test_cache_keeps_only_passed_builds(tmp_path):
+    passed = compile_check.Row("triton:alpha", "k", "fp16", "sm_80", registers=40, spill_stores=0, spill_loads=0)
+    failed = compile_check.Row("triton:alpha", "k", "fp32", "sm_80", registers=40, spill_stores=8, spill_loads=8)
+    compile_check._store_rows(str(tmp_path), "a", [passed])
+    compile_check._store_rows(str(tmp_path), "b", [passed, failed])
+    assert compile_check._cached_rows(str(tmp_path), "a") == [passed]
+    assert compile_check._cached_rows(str(tmp_path), "b") is None

@@ -13,14 +13,21 @@ listed kernel is an error: every kernel gets checked.
 CUDA: every ``csrc/cuda/*.cu`` is compiled alone with ``nvcc -cubin -Xptxas -v`` for sm_80 and sm_90a;
 the same numbers are parsed per kernel. Skipped, with a message, when nvcc or csrc/cuda is missing.
 
-Nothing is cached: Triton compiles with TRITON_ALWAYS_COMPILE into a throw-away cache directory.
+Every compile runs with TRITON_ALWAYS_COMPILE into a throw-away Triton cache. The *results* (the rows) of a build
+that passed are kept in ``~/.cache/vitfast/compile-check`` (``VITFAST_COMPILE_CHECK_CACHE`` moves it, ``=0`` or
+``--no-cache`` turns it off), under a hash of everything the build depends on: the kernel module's source and the
+kernel modules it imports, ``kernels/__init__.py`` and ``_common.py``, this file, the Triton version, the spec's
+index and the target (CUDA: every file in csrc/cuda, the nvcc version, the target). Any change to those rebuilds;
+a failed build is never cached.
 The Triton interpreter must be off (it replaces ``@triton.jit`` at import): when TRITON_INTERPRET is set
 this module re-runs itself in a child process without it. Tests call ``run_subprocess()``.
 """
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -344,9 +351,71 @@ def _run_job(job):
     return _compile_cuda(job[1]) if job[0] == "cuda" else [_compile_triton(job[1])]
 
 
+def cache_dir() -> str:
+    """Where passed builds' rows are kept; None when caching is off (VITFAST_COMPILE_CHECK_CACHE=0)."""
+    where = os.environ.get("VITFAST_COMPILE_CHECK_CACHE")
+    if where == "0":
+        return None
+    return where or os.path.join(os.path.expanduser("~"), ".cache", "vitfast", "compile-check")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> str:
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+
+
+def job_key(job) -> str:
+    """A hash of every input that decides the job's rows (see the module doc)."""
+    import triton
+
+    digest = hashlib.sha256(_read(os.path.abspath(__file__)))
+    kind, spec = job
+    if kind == "cuda":
+        nvcc, cu_path, cap = spec
+        folder = os.path.dirname(cu_path)
+        parts = [os.path.basename(cu_path), _nvcc_version(nvcc), str(cap), " ".join(NVCC_FLAGS)]
+        files = sorted(glob.glob(os.path.join(folder, "*")))
+    else:
+        kernels_dir, stem, index, cap = spec
+        parts = [stem, triton.__version__, str(index), str(cap)]
+        source = _read(os.path.join(kernels_dir, f"{stem}.py")).decode()
+        imported = set(re.findall(r"(?:from\s+\.|vitfast\.kernels\.)(\w+)", source)) | {stem, "_common", "__init__"}
+        files = sorted(p for p in (os.path.join(kernels_dir, f"{name}.py") for name in imported) if os.path.exists(p))
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for path in files:
+        digest.update(os.path.basename(path).encode() + b"\0" + _read(path) + b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _cached_rows(folder: str, key: str):
+    try:
+        with open(os.path.join(folder, f"{key}.json")) as f:
+            fields = {f.name for f in dataclasses.fields(Row)}
+            return [Row(**{k: v for k, v in row.items() if k in fields}) for row in json.load(f)]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _store_rows(folder: str, key: str, rows: list) -> None:
+    if not rows or not all(r.ok for r in rows):
+        return
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f"{key}.json.{os.getpid()}")
+    with open(temporary, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f)
+    os.replace(temporary, os.path.join(folder, f"{key}.json"))
+
+
 def run_check(kernels_dir: str = None, cuda_dir: str = None, workers: int = None, cuda: bool = True,
-              triton: bool = True) -> tuple:
-    """Compile everything; returns (rows, notes). Must run where TRITON_INTERPRET is off."""
+              triton: bool = True, cache: bool = True) -> tuple:
+    """Compile everything (reusing the rows of passed builds whose inputs are unchanged, unless ``cache`` is off);
+    returns (rows, notes). Must run where TRITON_INTERPRET is off."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the AOT compile check needs TRITON_INTERPRET unset; use run_subprocess()")
     kernels_dir = os.path.abspath(kernels_dir or _package_kernels_dir())
@@ -368,13 +437,25 @@ def run_check(kernels_dir: str = None, cuda_dir: str = None, workers: int = None
         elif not sources:
             notes.append(f"CUDA part: no .cu files in {cuda_dir}")
         jobs = [("cuda", (nvcc, cu, cap)) for cu in sources for cap in TARGETS] + jobs if nvcc else jobs
-    workers = max(1, min(len(jobs), workers or min(8, os.cpu_count() or 1)))
-    with tempfile.TemporaryDirectory(prefix="vitfast-aot-") as cache_dir:
-        # spawn: each worker imports triton fresh, with the interpreter off and a throw-away cache.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cache_dir,)) as pool:
-            for result in pool.map(_run_job, jobs):
-                rows += result
+    folder = cache_dir() if cache else None
+    keys = [job_key(job) for job in jobs] if folder else [None] * len(jobs)
+    cached = [_cached_rows(folder, key) if key else None for key in keys]
+    todo = [(job, key) for job, key, hit in zip(jobs, keys, cached) if hit is None]
+    rows += [row for hit in cached if hit is not None for row in hit]
+    if folder and len(todo) < len(jobs):
+        notes.append(f"{len(jobs) - len(todo)} of {len(jobs)} builds unchanged since they passed: rows reused from "
+                     f"{folder} (--no-cache rebuilds them)")
+    workers = max(1, min(len(todo), workers or min(8, os.cpu_count() or 1)))
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="vitfast-aot-") as triton_cache:
+            # spawn: each worker imports triton fresh, with the interpreter off and a throw-away cache.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(triton_cache,)) as pool:
+                for (job, key), result in zip(todo, pool.map(_run_job, [job for job, _ in todo])):
+                    rows += result
+                    if key:
+                        _store_rows(folder, key, result)
     order = {name: i for i, name in enumerate(_target_name(c) for c in TARGETS)}
     rows.sort(key=lambda r: (r.source.startswith("cuda"), r.source, r.kernel, r.variant, order.get(r.target, -1)))
     return rows, notes
@@ -407,7 +488,7 @@ def _clean_env() -> dict:
     return env
 
 
-def run_subprocess(args=(), timeout: float = 600) -> subprocess.CompletedProcess:
+def run_subprocess(args=(), timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run ``python -m vitfast.compile_check *args`` in a child without TRITON_INTERPRET (for tests)."""
     return subprocess.run([sys.executable, "-m", "vitfast.compile_check", *args], env=_clean_env(), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -421,13 +502,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc half")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton half")
     parser.add_argument("--workers", type=int, help="compile processes (default: CPU count, at most 8)")
+    parser.add_argument("--no-cache", action="store_true", help="rebuild everything (ignore and keep no cached rows)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.run([sys.executable, "-m", "vitfast.compile_check", *argv], env=_clean_env()).returncode
     started = time.time()
     rows, notes = run_check(args.kernels_dir, args.cuda_dir, args.workers, cuda=not args.no_cuda,
-                            triton=not args.no_triton)
+                            triton=not args.no_triton, cache=not args.no_cache)
     ok = all(r.ok for r in rows)
     if args.json:
         print(json.dumps(dict(ok=ok, seconds=round(time.time() - started, 1), notes=notes,
