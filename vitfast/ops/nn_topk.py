@@ -41,7 +41,7 @@ def _reference_topk(queries: Tensor, queue: Tensor, query_ids: Tensor, queue_ids
     dtype = accumulation_dtype(queries.dtype)
     similarity = queries.to(dtype) @ queue.to(dtype).T
     similarity = similarity.masked_fill(queue_ids[None, :] == query_ids[:, None], float("-inf"))
-    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :k].contiguous()  # as the fake
     return similarity.gather(1, order), order
 
 
