@@ -5,6 +5,7 @@ from .heads import MLPHead, prediction_head, projection_head
 from .loss_state import FeatureQueue, MomentumCentre
 from .mae_decoder import MAEDecoder
 from .momentum import MomentumTeacher, cosine_momentum
+from .nnclr import NNCLRLoss
 from .relation_head import RelationHead
 from .vit import VIT_CONFIGS, Attention, Block, DropPath, Mlp, PatchEmbed, ViT, vit_config
 
@@ -13,5 +14,5 @@ __all__ = [
     "sincos_1d_pos_embed", "sincos_2d_pos_embed", "resample_pos_embed",
     "MLPHead", "projection_head", "prediction_head", "MomentumCentre", "FeatureQueue",
     "NTXentLoss", "InfoNCELoss", "SupConLoss", "cached_contrastive_backward",
-    "MomentumTeacher", "cosine_momentum",
+    "MomentumTeacher", "cosine_momentum", "NNCLRLoss",
 ]
