@@ -2,9 +2,9 @@
 import torch  # noqa: F401  (vitfast._C registers its ops into torch's dispatcher)
 
 from . import nn, ops
-from .nn import InfoNCELoss, NTXentLoss, RelationHead, SupConLoss, ViT
+from .nn import DINOLoss, InfoNCELoss, NTXentLoss, RelationHead, SupConLoss, ViT
 from .ops import available_backends
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "RelationHead", "ViT", "NTXentLoss", "InfoNCELoss", "SupConLoss", "available_backends",
-           "__version__"]
+__all__ = ["nn", "ops", "RelationHead", "ViT", "NTXentLoss", "InfoNCELoss", "SupConLoss", "DINOLoss",
+           "available_backends", "__version__"]

@@ -15,6 +15,7 @@ register_method("vitfast.methods.mocov3:MoCoV3")
 register_method("vitfast.methods.lacvit:LaCViT")
 register_method("vitfast.methods.dilemma:DILEMMA")
 register_method("vitfast.methods.mae_ct:MAECT")
+register_method("vitfast.methods.dino:DINO")
 
 # Existing imports such as `from vitfast.methods import MAE` keep working; a new method needs no line here.
 from .mae import MAE  # noqa: E402

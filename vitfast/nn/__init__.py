@@ -1,6 +1,7 @@
 """Modules: the ViT (timm parameter names), its position embeddings, method heads and loss state."""
 from .pos_embed import resample_pos_embed, sincos_1d_pos_embed, sincos_2d_pos_embed
 from .contrastive import InfoNCELoss, NTXentLoss, SupConLoss, cached_contrastive_backward
+from .dino import DINOHead, DINOLoss
 from .heads import MLPHead, prediction_head, projection_head
 from .loss_state import FeatureQueue, MomentumCentre
 from .mae_decoder import MAEDecoder
@@ -14,5 +15,5 @@ __all__ = [
     "sincos_1d_pos_embed", "sincos_2d_pos_embed", "resample_pos_embed",
     "MLPHead", "projection_head", "prediction_head", "MomentumCentre", "FeatureQueue",
     "NTXentLoss", "InfoNCELoss", "SupConLoss", "cached_contrastive_backward",
-    "MomentumTeacher", "cosine_momentum", "NNCLRLoss",
+    "MomentumTeacher", "cosine_momentum", "NNCLRLoss", "DINOHead", "DINOLoss",
 ]
