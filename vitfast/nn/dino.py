@@ -14,6 +14,7 @@ logits. ``DINOHead.logits`` forms them, for inspection only.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class DINOLoss(nn.Module):
 
     def __init__(self, n_prototypes: int, n_student_views: int, n_teacher_views: int = 2, student_temp: float = 0.1,
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 10,
-                 centre_momentum: float = 0.9):
+                 centre_momentum: float = 0.9, backend: Optional[str] = None):
         super().__init__()
         for name, value in (("teacher_temp", teacher_temp), ("warmup_teacher_temp", warmup_teacher_temp),
                             ("student_temp", student_temp)):
@@ -78,6 +79,7 @@ class DINOLoss(nn.Module):
         self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
         self.warmup_teacher_temp, self.warmup_epochs = float(warmup_teacher_temp), warmup_teacher_temp_epochs
         self.centre = MomentumCentre(n_prototypes, centre_momentum)
+        self.backend = backend  # ops.dino_loss's backend (None: the default for the device)
 
     def teacher_temp_at(self, epoch: float) -> float:
         """DINO's schedule, linspace(warmup, teacher_temp, W) at integer epochs (teacher_temp from epoch W − 1 on),
@@ -96,7 +98,7 @@ class DINOLoss(nn.Module):
                                            n_student_views=self.n_student_views,
                                            n_teacher_views=self.n_teacher_views, student_temp=self.student_temp,
                                            teacher_temp=self.teacher_temp_at(epoch),
-                                           teacher_prototypes=teacher_prototypes)
+                                           teacher_prototypes=teacher_prototypes, backend=self.backend)
         if self.training:  # after the loss, as DINO: this step's loss used the previous centre
             self.centre.update(teacher_mean, count=teacher_features.shape[0])
         return loss
