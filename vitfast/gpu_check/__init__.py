@@ -31,7 +31,8 @@ import sys
 import time
 
 SECTIONS = ("accuracy", "repeatability", "limits", "timing")
-OPS = ("masked_patch_embed", "masked_pixel_loss", "relation_loss", "relation_mlp_loss", "contrastive_loss")
+OPS = ("masked_patch_embed", "masked_pixel_loss", "relation_loss", "relation_mlp_loss", "contrastive_loss",
+       "dino_loss")
 
 
 def _parse(argv):

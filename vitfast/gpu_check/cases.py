@@ -261,5 +261,41 @@ CONTRASTIVE_LOSS = OpCase(
     loss_scale=lambda x: _scale_pow2(x["q"].shape[0]),
 )
 
+
+# ---- dino_loss ----
+
+def _dino_make(p, gen):
+    """student [(G + L) B, d] and teacher [G B, d] unit rows (G global and L local crops; the head's bottleneck
+    output), prototypes [K, d] (the weight-norm's v), centre [K]; with ema a teacher_prototypes near the student's."""
+    views, batch, dim, k = p["G"] + p["L"], p["B"], p["d"], p["K"]
+    prototypes = torch.randn(k, dim, generator=gen)
+    return dict(student=torch.nn.functional.normalize(torch.randn(views * batch, dim, generator=gen), dim=1),
+                teacher=torch.nn.functional.normalize(torch.randn(p["G"] * batch, dim, generator=gen), dim=1),
+                prototypes=prototypes, centre=0.1 * torch.randn(k, generator=gen),
+                teacher_prototypes=prototypes + 0.1 * torch.randn(k, dim, generator=gen) if p.get("ema") else None,
+                views=views, teacher_views=p["G"])
+
+
+def _dino_call(fn, x, **kw):
+    """The loss only (the teacher mean has no gradient and is checked by the op tests)."""
+    return fn(x["student"], x["teacher"], x["prototypes"], x["centre"], n_student_views=x["views"],
+              n_teacher_views=x["teacher_views"], student_temp=0.1, teacher_temp=0.04,
+              teacher_prototypes=x["teacher_prototypes"], **kw)[0]
+
+
+DINO_LOSS = OpCase(
+    name="dino_loss",
+    shapes={"bench 2+8 crops x B64 K65536 d256": dict(B=64, d=256, K=65536, G=2, L=8),
+            "ragged 2+3 crops x B5 K70 d33": dict(B=5, d=33, K=70, G=2, L=3),
+            "ragged 2+1 crops x B3 K45 d20 ema": dict(B=3, d=20, K=45, G=2, L=1, ema=True)},
+    grads=("student", "prototypes"),
+    bench_grads=("student", "prototypes"),
+    floating=("student", "teacher", "prototypes", "centre", "teacher_prototypes"),
+    make=_dino_make,
+    fused=lambda x, backend: _dino_call(ops.dino_loss, x, backend=backend),
+    reference=lambda x: _dino_call(ops.dino_loss_reference, x),
+    loss_scale=lambda x: _scale_pow2(x["teacher_views"] * (x["views"] - 1) * x["student"].shape[0] / x["views"]),
+)
+
 CASES = {case.name: case for case in (MASKED_PATCH_EMBED, MASKED_PIXEL_LOSS, RELATION_LOSS, RELATION_MLP_LOSS,
-                                      CONTRASTIVE_LOSS)}
+                                      CONTRASTIVE_LOSS, DINO_LOSS)}
