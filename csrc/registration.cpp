@@ -66,4 +66,17 @@ TORCH_LIBRARY(vitfast_C, m) {
   m.def("contrastive_loss_backward(Tensor grad_loss, Tensor anchors, Tensor pool, Tensor anchor_labels, "
         "Tensor pool_labels, Tensor anchor_self, Tensor lse, Tensor count, float inv_temperature, float loss_scale, "
         "bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // dino_loss's streaming softmax primitives over K prototypes (vitfast/ops/dino_loss.py): x [R,d], keys [K,d],
+  // values [K,e] (one dtype), bias [K] in the accumulation dtype (fp32; fp64 for fp64), z_rk = scale <x_r,keys_k> +
+  // bias_k -> (lse [R], out [R,e] = sum_k softmax_k(z_r) values_k), both in the accumulation dtype.
+  m.def("dino_softmax_rows(Tensor x, Tensor keys, Tensor values, Tensor bias, float scale) -> (Tensor, Tensor)");
+  // The transpose product: out [K,e] = sum_r exp(z_rk - lse_r) y_r; lse [R], y [R,e] and out in the accumulation
+  // dtype. Neither stores the [R,K] logits.
+  m.def("dino_softmax_columns(Tensor x, Tensor keys, Tensor bias, float scale, Tensor lse, Tensor y) -> Tensor");
+
+  // nn_topk (vitfast/ops/nn_topk.py): queries [B,d], queue [Q,d] (one dtype), query_ids [B], queue_ids [Q] int64
+  // -> (values [B,k] accumulation dtype, indices [B,k] int64): each query's k most similar entries whose id differs
+  // from its own, similarity descending, ties by the lower queue index. No [B,Q] similarities stored.
+  m.def("nn_topk(Tensor queries, Tensor queue, Tensor query_ids, Tensor queue_ids, int k) -> (Tensor, Tensor)");
 }

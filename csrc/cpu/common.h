@@ -1,6 +1,7 @@
-// Pieces the CPU kernels share (csrc/cpu/*.cpp): BLAS GEMMs on tiles, per-target SIMD clones, widening to the
-// accumulation type, the pair ops' optional inputs (positions, pair mask) and their grid cells, the (batch, tile)
-// work split, the fixed-order mean over per-row sums, and the patch origin in a [B, C, H, W] image.
+// Pieces the CPU kernels share (csrc/cpu/*.cpp): BLAS GEMMs on tiles, per-target SIMD clones, exp of shifted logits,
+// widening to the accumulation type (whole or per tile), the pair ops' optional inputs (positions, pair mask) and their
+// grid cells, the (batch, tile) and (row tile, column chunk) work splits, the fixed-order mean over per-row sums, and
+// the patch origin in a [B, C, H, W] image.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -120,11 +121,44 @@ inline __attribute__((always_inline)) float exp_nonpositive(float y) {
   return out;
 }
 
+// exp(y) for max-shifted logits y <= 0 (a small positive rounding excess allowed) in the accumulation type: the
+// vectorisable exp_nonpositive for float, std::exp for double.
+template <typename T>
+inline __attribute__((always_inline)) T exp_shifted(T y) {
+  if constexpr (std::is_same_v<T, float>) return exp_nonpositive(y);
+  else return std::exp(y);
+}
+
 // x detached, contiguous, in the accumulation type T: raw-pointer kernels run below autograd, and fp16/bf16 are
 // widened once.
 template <typename T>
 at::Tensor as_acc(const at::Tensor& x) {
   return x.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
+}
+
+// Scratch memory of n values of T (filled with `fill`, or uninitialised), held by a tensor rather than a std::vector:
+// the torch profiler then sees it, as the benchmarks' CPU peak-memory measurement does.
+template <typename T>
+struct Buffer {
+  at::Tensor tensor;
+  T* data;
+  explicit Buffer(int64_t n, std::optional<double> fill = std::nullopt)
+      : tensor(fill ? at::full({n}, *fill, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
+                    : at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))),
+        data(tensor.data_ptr<T>()) {}
+};
+
+// `count` consecutive values of src in the accumulation type T: src itself when it already is T, else widened into
+// buffer (which is returned). The streaming ops widen fp16/bf16 operands one tile at a time, so that no fp32 copy of a
+// large operand (K prototypes, a Q-entry queue) is ever made.
+template <typename T, typename S>
+const T* widened(const S* src, int64_t count, T* buffer) {
+  if constexpr (std::is_same_v<S, T>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<T>(src[i]);
+    return buffer;
+  }
 }
 
 // ---- the pair ops' optional inputs ---------------------------------------------------------------------------
@@ -189,6 +223,28 @@ inline RowTiles balanced_row_tiles(int64_t n, int64_t max_rows) {
   const int64_t rows = std::max<int64_t>(1, (n + count - 1) / count);
   count = std::max<int64_t>(1, (n + rows - 1) / rows);
   return {rows, count};
+}
+
+// A grid of work items over an [n_rows, n_columns] block that is never stored: the rows in balanced tiles of at most
+// max_rows, the columns in tiles of column_tile, the column tiles in `chunks` contiguous chunks. A work item is (row
+// tile, chunk) and leaves a partial result per row; the chunks' partials are merged per row in chunk order. The number
+// of chunks follows from the problem size alone (about target_items items, at most one chunk per column tile), never
+// from the thread count: every item and every merge is the same computation however many threads run them.
+struct ChunkGrid {
+  RowTiles rows;
+  int64_t columns, column_tile, column_tiles, chunks;
+
+  int64_t items() const { return rows.count * chunks; }
+  // Columns [chunk_begin(c), chunk_begin(c + 1)) form chunk c; always whole column tiles but for the last.
+  int64_t chunk_begin(int64_t c) const { return std::min(columns, c * column_tiles / chunks * column_tile); }
+};
+
+inline ChunkGrid chunk_grid(int64_t n_rows, int64_t max_rows, int64_t n_columns, int64_t column_tile,
+                            int64_t target_items) {
+  ChunkGrid g{balanced_row_tiles(n_rows, max_rows), n_columns, column_tile,
+              std::max<int64_t>(1, (n_columns + column_tile - 1) / column_tile), 1};
+  g.chunks = std::clamp<int64_t>((target_items + g.rows.count - 1) / g.rows.count, 1, g.column_tiles);
+  return g;
 }
 
 // fn(state, b, t) for every work item (b, t) of a batch x tiles grid (b-major), the items split over threads in

@@ -38,6 +38,7 @@
 namespace vitfast {
 namespace {
 
+using cpu::exp_shifted;
 using cpu::gemm;
 
 // Tile shape: Ta anchor rows x Tm pool columns of logits (256 x 512 fp32 = 512 KB, in L2 between the GEMM and the
@@ -49,12 +50,6 @@ constexpr int64_t kPoolColumns = 512;
 constexpr int64_t kPoolGroups = 4;
 // Square tiles of the symmetric path (two 256 x 256 fp32 buffers per thread: the tile and its transpose).
 constexpr int64_t kSquareTile = 256;
-
-template <typename T>
-inline __attribute__((always_inline)) T exp_(T x) {
-  if constexpr (std::is_same_v<T, float>) return cpu::exp_nonpositive(x);
-  else return std::exp(x);
-}
 
 // 1 if the labels are equal, else 0, without a comparison: with `a == b` (as a select or a bool-to-number
 // conversion) GCC 12 reports "control flow in loop" and leaves the column loops scalar.
@@ -133,14 +128,14 @@ inline __attribute__((always_inline)) void tile_forward(const Tile<T>& t, const 
     if (new_max == kNegInf) continue;  // no allowed column yet (the anchor's own column alone)
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int32_t c = 0; c < t.cols; ++c) sum += exp_<T>(s[c] - new_max);
-    stats.sum[r] = (old_max == kNegInf ? T(0) : stats.sum[r] * exp_<T>(old_max - new_max)) + sum;
+    for (int32_t c = 0; c < t.cols; ++c) sum += exp_shifted<T>(s[c] - new_max);
+    stats.sum[r] = (old_max == kNegInf ? T(0) : stats.sum[r] * exp_shifted<T>(old_max - new_max)) + sum;
     stats.max[r] = new_max;
   }
 }
 
 // s := dS = weight_a (allowed exp(s - lse_a) - positive / n_a); weight_a = 0 (no positives) gives a zero row. The own
-// column is computed like the others (exp_ cannot make a NaN of it) and then overwritten with 0.
+// column is computed like the others (exp_shifted cannot make a NaN of it) and then overwritten with 0.
 template <typename T>
 inline __attribute__((always_inline)) void tile_backward(const Tile<T>& t, const T* lse, const int32_t* count,
                                                          T weight) {
@@ -155,7 +150,7 @@ inline __attribute__((always_inline)) void tile_backward(const Tile<T>& t, const
     const T shift = lse[r], target = weight / static_cast<T>(count[r]);
 #pragma omp simd
     for (int32_t c = 0; c < t.cols; ++c) {
-      s[c] = weight * exp_<T>(s[c] - shift) - target * static_cast<T>(same_label(labels[c], label));
+      s[c] = weight * exp_shifted<T>(s[c] - shift) - target * static_cast<T>(same_label(labels[c], label));
     }
   }
   set_own_columns(t, T(0));
@@ -302,8 +297,8 @@ void forward_symmetric(const Problem& p, bool blas, const T* a, T inv_t, T* lse,
         const T block_max = part_max[at];
         if (block_max == -std::numeric_limits<T>::infinity()) continue;
         const T new_max = std::max(max, block_max);
-        sum = (max == -std::numeric_limits<T>::infinity() ? T(0) : sum * exp_<T>(max - new_max)) +
-              part_sum[at] * exp_<T>(block_max - new_max);
+        sum = (max == -std::numeric_limits<T>::infinity() ? T(0) : sum * exp_shifted<T>(max - new_max)) +
+              part_sum[at] * exp_shifted<T>(block_max - new_max);
         max = new_max;
       }
       count[r] = n_positive;
