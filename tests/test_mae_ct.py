@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vitfast import checkpoint as ckpt
 from vitfast import engine
-from vitfast.config import build_config
+from vitfast.config import SHARED_FIELDS, UserError, build_config
 from vitfast.engine import CHECKPOINT, Trainer
 from vitfast.methods import DataInfo, get_method
 from vitfast.nn import NNCLRLoss
@@ -243,6 +243,18 @@ def test_mae_stage_is_the_mae_method():
     a, _ = mae_ct(images, labels, ids, torch.Generator().manual_seed(3))
     b, _ = plain(images, labels, ids, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and mae_ct.encoder is mae_ct.mae.model and mae_ct.random_init_baseline
+    layout = [([id(p) for p in g["params"]], g["weight_decay"]) for g in mae_ct.param_groups()]
+    plain_ids = {id(p): id(q) for p, q in zip(plain.parameters(), mae_ct.mae.parameters())}
+    want = [([plain_ids[id(p)] for p in g["params"]], g["weight_decay"]) for g in plain.param_groups()]
+    assert layout == want  # MAE's own optimizer groups (its weight-decay rules), not the base class's
+
+
+@pytest.mark.skipif("accum_steps" not in SHARED_FIELDS, reason="this vitfast has no gradient accumulation")
+def test_head_and_ct_refuse_gradient_accumulation():
+    for stage in ("head", "ct"):
+        with pytest.raises(UserError, match=f"mae-ct stage {stage}: the loss depends on the whole batch"):
+            method(stage, accum_steps=2)
+    assert method("mae", accum_steps=2).stage == "mae"  # MAE's loss is a mean per image: it may accumulate
 
 
 # --- the pipeline through the CLI -----------------------------------------------------------------------------------

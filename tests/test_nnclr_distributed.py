@@ -2,8 +2,9 @@
 batch: the same loss (mean over ranks), the same gradients of the predictions and of the projector / predictor
 parameters (each rank backward loss / world, then the mean over ranks as DDP does) and the same queue contents
 afterwards, over four steps: an empty queue (the lookup searches the gathered batch), partly filled ones, then a full
-one (queue only) after the pushes wrapped around. k = 1 (the head stage) is compared exactly; k = 3 with each rank drawing from its own generator
-is compared with the one-process loss given the same per-row draws (the draws replayed in rank order).
+one (queue only) after the pushes wrapped around. k = 1 (the head stage) is compared exactly; k = 3 with each rank
+drawing from its own generator is compared with the one-process loss given the same per-row draws (replayed in rank
+order).
 
 The heads here have no BatchNorm: MAE-CT's BatchNorms are per process under DDP (no SyncBatchNorm), which no
 gathered loss can make equal to one process (docs/methods.md §6.3). One spawn of 2 processes serves the module

@@ -11,7 +11,8 @@ gathered over all ranks *with gradient*,
     loss = 1/2 CE(nn(z^1) P^0ᵀ / τ, diagonal) + 1/2 CE(nn(z^0) P^1ᵀ / τ, diagonal)
 
 (``vitfast.ops.contrastive_loss(nn_z1, p0, positives="diagonal", gather_distributed=True)``: rank r's anchors match
-the pool rows r·B ... r·B + B − 1; the mean over this rank's anchors, so the mean over ranks is the one-process loss).
+the pool rows r·B ... r·B + B − 1; the mean over this rank's anchors, so the mean over ranks is the one-process
+loss).
 After the lookup, view 0's keys and ids enter the FIFO queue, gathered over ranks in rank order (``FeatureQueue``).
 
 Start (a deliberate difference): MAE-CT's code starts from a queue of random unit vectors (ids −1), so its first
