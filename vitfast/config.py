@@ -68,6 +68,7 @@ class TrainConfig:
     download: bool = False
     image_size: Optional[int] = None       # resize the dataset's images (e.g. STL-10 96 px -> 64)
     augment: str = "default"               # training views: "default" (the method's recipe) or "none"
+    val_fraction: float = 0.1              # share of each class of the train split held out as val (0: none)
     # model (a vitfast.nn.VIT_CONFIGS name plus overrides)
     model: str = "tiny"
     embed_dim: Optional[int] = None
@@ -80,13 +81,16 @@ class TrainConfig:
     init: Optional[str] = None             # checkpoint (a run folder or .pt) whose encoder initialises this run
     # optimisation
     epochs: int = 10
-    batch_size: int = 128                  # per process
+    batch_size: int = 128                  # the global batch of one optimizer step (all ranks, all accum steps)
+    accum_steps: int = 1                   # micro-batches per optimizer step (gradient accumulation)
     lr: Optional[float] = None             # absolute peak lr; None = base_lr * global batch / 256
     base_lr: Optional[float] = 1e-3        # None (unused) when lr is given
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: Tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 1.0
+    lr_schedule: str = "cosine"            # after the warm-up: "cosine" (half-cosine to min_lr over the steps left) or
+                                           # "quarter-cosine" (RelViT's release: lr - (lr - min_lr)(1 - cos(pi/2 step/total)))
     grad_clip: Optional[float] = None
     # evaluation
     knn_k: int = 20
@@ -135,14 +139,14 @@ _TUPLE_FIELDS = {name for name, hint in typing.get_type_hints(TrainConfig).items
 
 # The range of each numeric shared field; a method declares its settings' ranges with ``setting(within=...)``.
 SHARED_RANGES = {name: Interval(text) for name, text in {
-    "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "base_lr": "(0, inf)", "min_lr": "[0, inf)",
+    "epochs": "[1, inf)", "batch_size": "[1, inf)", "accum_steps": "[1, inf)", "val_fraction": "[0, 1)", "lr": "(0, inf)", "base_lr": "(0, inf)", "min_lr": "[0, inf)",
     "weight_decay": "[0, inf)", "warmup_epochs": "[0, inf)", "grad_clip": "(0, inf)", "drop_path": "[0, 1)",
     "knn_k": "[1, inf)", "probe_epochs": "[0, inf)", "eval_every": "[0, inf)", "max_steps": "[1, inf)",
     "checkpoint_every": "[0, inf)", "image_size": "[1, inf)", "patch_size": "[1, inf)", "embed_dim": "[1, inf)",
     "depth": "[1, inf)", "num_heads": "[1, inf)", "mlp_ratio": "(0, inf)", "seed": "[0, inf)",
 }.items()}
 SHARED_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "global_pool": ("token", "avg"),
-                  "augment": ("default", "none")}
+                  "augment": ("default", "none"), "lr_schedule": ("cosine", "quarter-cosine")}
 METRICS = ("knn", "linear", "clustering")
 
 

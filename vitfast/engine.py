@@ -208,23 +208,23 @@ class Trainer:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {c.precision!r}")
         self.out = c.out or default_run_dir(c)
         self.splits = load_splits(c.dataset, root=c.data_root, download=c.download, seed=c.seed,
-                                  image_size=c.image_size)
+                                  image_size=c.image_size, val_fraction=c.val_fraction)
         train = self.splits["train"]
         self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],
                                   num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))
         self._check_model_fits_data()
         method = get_method(c.method)
+        self.rank_batch = self._rank_batch(method)
         torch.manual_seed(c.seed)  # identical initial weights on every rank
         self.method = method(c, self.data_info).to(self.device)
         if c.init:
             self._load_init(c.init)
         self.model = (DistributedDataParallel(self.method, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if self.dist.enabled else self.method)
-        self.loader = BatchLoader(train, c.batch_size, shuffle=True, drop_last=True, seed=c.seed, device=self.device,
+        self.loader = BatchLoader(train, self.rank_batch, shuffle=True, drop_last=True, seed=c.seed, device=self.device,
                                   rank=self.dist.rank, world_size=self.dist.world_size)
         self.generator = torch.Generator(self.device).manual_seed(c.seed * 1_000_003 + self.dist.rank)
-        global_batch = c.batch_size * self.dist.world_size
-        self.peak_lr = c.lr if c.lr is not None else c.base_lr * global_batch / 256
+        self.peak_lr = c.lr if c.lr is not None else c.base_lr * c.batch_size / 256  # batch_size is global
         self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
@@ -242,6 +242,20 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self._in_loop = False
         self._warn_about_settings(len(train))
+
+    def _rank_batch(self, method) -> int:
+        """Images per rank per optimizer step: the global batch split over ranks (and then over accum_steps
+        micro-batches); a split that is not exact, or accumulation in a method whose loss couples the batch, is a
+        one-line error."""
+        c, world = self.config, self.dist.world_size
+        if c.accum_steps > 1 and not method.accumulates:
+            raise UserError(f"{c.method}'s loss depends on the whole batch (in-batch negatives, BatchNorm or a "
+                            f"batch statistic): --accum-steps {c.accum_steps} would change it, not just split it; "
+                            f"use a smaller --batch-size instead")
+        if c.batch_size % (world * c.accum_steps):
+            raise UserError(f"batch_size {c.batch_size} (the global batch) must be divisible by the number of "
+                            f"processes ({world}) x accum_steps ({c.accum_steps})")
+        return c.batch_size // world
 
     def _check_model_fits_data(self) -> None:
         from .nn.vit import vit_config  # noqa: PLC0415
@@ -263,19 +277,24 @@ class Trainer:
         if c.precision == "fp16" and self.device.type == "cpu":
             self._log("warning: --precision fp16 on CPU is slow (measured ~7x slower than fp32 on this project's "
                       "machines); use fp32 or bf16")
-        dropped = train_images - self.steps_per_epoch * c.batch_size * self.dist.world_size
+        dropped = train_images - self.steps_per_epoch * c.batch_size
         if dropped * 4 > train_images:
             self._log(f"warning: batch_size {c.batch_size} leaves {dropped} of {train_images} training images out of "
                       f"every epoch (only full batches are used)")
 
     # ----------------------------------------------------------------------------- schedule
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to min_lr (per step)."""
-        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        """Per step: a linear warm-up, then ``lr_schedule``: "cosine" decays to min_lr over the steps after the
+        warm-up; "quarter-cosine" (RelViT's release) is lr - (lr - min_lr)(1 - cos(pi/2 * step / total_steps)),
+        with the step counted from the start of the run."""
+        c = self.config
+        warmup = c.warmup_epochs * self.steps_per_epoch
         if step < warmup:
             return self.peak_lr * (step + 1) / warmup
+        if c.lr_schedule == "quarter-cosine":
+            return self.peak_lr - (self.peak_lr - c.min_lr) * (1 - math.cos(0.5 * math.pi * step / self.total_steps))
         progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return self.config.min_lr + (self.peak_lr - self.config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return c.min_lr + (self.peak_lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict:
@@ -322,13 +341,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # a method's group may scale it (layer-wise decay)
         self.model.train()
-        with self.autocast():
-            loss, metrics = self.model(images, labels, indices, self.generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; last checkpoint: "
-                                     f"{os.path.join(self.out, CHECKPOINT)} (try a lower --lr or --precision fp32)")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        parts = self.config.accum_steps
+        total, sums = 0.0, {}
+        for i, (x, y, ids) in enumerate(zip(images.chunk(parts), labels.chunk(parts), indices.chunk(parts))):
+            # DDP all-reduces the gradients on the last micro-batch only.
+            last = i == parts - 1
+            sync = self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    loss, metrics = self.model(x, y, ids, self.generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; last checkpoint: "
+                                             f"{os.path.join(self.out, CHECKPOINT)} (try a lower --lr or --precision "
+                                             f"fp32)")
+                self.scaler.scale(loss / parts).backward()  # the mean over the micro-batches: the batch's mean
+            total += loss.item() / parts
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / parts
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.config.grad_clip)
@@ -337,7 +367,7 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         self.method.after_step(self.step, self.total_steps)
-        return {"loss": loss.item(), "lr": lr, **metrics}
+        return {"loss": total, "lr": lr, **sums}
 
     def fit(self) -> Dict:
         """Train to the end (or --max-steps), evaluate, write the summary. SIGINT / SIGTERM stop the loop after the
@@ -438,7 +468,7 @@ class Trainer:
         count, seconds = max(1, self.epoch_count), self.epoch_seconds
         row = mean_over_ranks({k: v / count for k, v in self.epoch_sums.items()}, self.dist)
         row = {"epoch": epoch + 1, "step": self.step, **row, "seconds": seconds,
-               "images_per_second": self.epoch_count * self.config.batch_size * self.dist.world_size / max(seconds, 1e-9)}
+               "images_per_second": self.epoch_count * self.config.batch_size / max(seconds, 1e-9)}
         self.epoch_sums, self.epoch_count, self.epoch_seconds = {}, 0, 0.0
         if self.dist.is_main:
             row.update(self.method.epoch_metrics(self.splits, self.eval_transform, self.device))

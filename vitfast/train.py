@@ -64,10 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-root", help="where torchvision datasets live (or are downloaded to)")
     data.add_argument("--download", action="store_true", help="allow downloading the dataset into --data-root")
     data.add_argument("--image-size", type=int, help="resize the images to this side (default: the dataset's)")
+    data.add_argument("--val-fraction", type=float,
+                      help="share of each class of the train split held out for validation (default 0.1); 0 trains "
+                           "on the whole official train split and selects nothing on val")
     optim = parser.add_argument_group("optimisation (default: the preset's value)")
     optim.add_argument("--epochs", type=int, help="training epochs; multi-stage methods: the total of their stages "
                                                   "(split as the preset splits it; a baseline stage gets the total)")
-    optim.add_argument("--batch-size", type=int, help="images per process")
+    optim.add_argument("--batch-size", type=int, help="images per optimizer step over all processes (the global "
+                                                      "batch; split evenly over ranks and --accum-steps)")
+    optim.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (gradient accumulation; "
+                                                       "methods whose loss couples the batch refuse it)")
     optim.add_argument("--lr", type=float, help="peak learning rate (default: base_lr x global batch / 256)")
     optim.add_argument("--weight-decay", type=float)
     model = parser.add_argument_group("model (default: the preset's value)")
@@ -107,7 +113,7 @@ def _overrides(args: argparse.Namespace) -> Dict:
     """The values the user gave (None = not given), flat keys, --set included."""
     overrides = {
         "stage": args.stage, "dataset": args.dataset, "data_root": args.data_root, "download": args.download or None,
-        "image_size": args.image_size,
+        "image_size": args.image_size, "val_fraction": args.val_fraction, "accum_steps": args.accum_steps,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
         "model": args.model, "patch_size": args.patch_size, "init": args.init,
         "out": args.out, "precision": args.precision, "device": args.device,

@@ -8,6 +8,7 @@ from torch import nn
 
 from vitfast.eval import (clustering_accuracy, evaluate_representation, extract_features, knn_accuracy, knn_classify,
                           linear_probe, matched_accuracy)
+from vitfast.eval.linear_probe import LR_WITHOUT_VAL
 
 
 def gaussian_clusters(per_class, num_classes=5, dim=16, spread=0.05, seed=0):
@@ -153,7 +154,7 @@ def test_linear_probe_learns_separable_data():
     (a, ay), (b, by), (c, cy) = (linearly_separable(n, seed=s) for n, s in ((600, 0), (200, 1), (400, 2)))
     result = linear_probe(a, ay, b, by, c, cy, num_classes=3, epochs=15, batch_size=64)
     assert result["test_accuracy"] >= 0.95 and result["val_accuracy"] >= 0.95
-    assert result["test_accuracy_final_epoch"] >= 0.95
+    assert result["test_accuracy_best_val_epoch"] >= 0.95
     assert result["lr"] in result["history"]["lr"] and 1 <= result["best_epoch"] <= 15
 
 
@@ -180,9 +181,10 @@ def test_linear_probe_selects_on_val_never_on_test():
     accuracy, _, epoch, head = max(flat)
     assert result["val_accuracy"] == accuracy
     assert result["best_epoch"] == -epoch and result["lr"] == [0.001, 0.01][-head]
-    assert result["test_accuracy"] == pytest.approx(1 - result["val_accuracy"], abs=1e-9)
+    assert result["test_accuracy_best_val_epoch"] == pytest.approx(1 - result["val_accuracy"], abs=1e-9)
     assert result["val_accuracy_final_epoch"] == curves[-head][-1]
-    assert result["test_accuracy_final_epoch"] == pytest.approx(1 - curves[-head][-1], abs=1e-9)
+    # The headline is the final epoch of the selected lr, not the selected epoch.
+    assert result["test_accuracy"] == pytest.approx(1 - curves[-head][-1], abs=1e-9)
     assert "test" not in str(sorted(result["history"]))  # no test curve is recorded
 
 
@@ -198,6 +200,21 @@ def test_linear_probe_is_deterministic_and_grid_heads_are_independent(assert_clo
     assert alone["history"]["val_accuracy"][0] == grid["history"]["val_accuracy"][1]
 
 
+def test_linear_probe_without_val_trains_one_lr_and_reports_its_final_epoch():
+    (a, ay), (c, cy) = linearly_separable(300, seed=0), linearly_separable(200, seed=2)
+    empty = torch.zeros(0, a.shape[1])
+    result = linear_probe(a, ay, empty, torch.zeros(0, dtype=torch.long), c, cy, num_classes=3, epochs=8,
+                          batch_size=64)
+    assert result["lr"] == LR_WITHOUT_VAL and result["test_accuracy"] >= 0.9
+    assert result["val_accuracy"] is None and result["best_epoch"] is None
+    assert len(result["history"]["train_loss"][0]) == 8 and result["history"]["val_accuracy"] == [[]]
+    # The same lr trained with a val split gives the same final-epoch test accuracy (val only selects).
+    with_val = linear_probe(a, ay, c, cy, c, cy, num_classes=3, epochs=8, batch_size=64, lr=LR_WITHOUT_VAL)
+    assert with_val["test_accuracy"] == result["test_accuracy"]
+    with pytest.raises(ValueError, match="nothing to select"):
+        linear_probe(a, ay, empty, torch.zeros(0, dtype=torch.long), c, cy, num_classes=3, epochs=1, lr=[0.1, 1.0])
+
+
 def test_linear_probe_tolerates_a_last_batch_of_one_row():
     (a, ay), (b, by) = linearly_separable(65, seed=0), linearly_separable(30, seed=1)
     result = linear_probe(a, ay, b, by, b, by, num_classes=3, epochs=2, batch_size=32, lr=0.1)
@@ -207,7 +224,7 @@ def test_linear_probe_tolerates_a_last_batch_of_one_row():
 @pytest.mark.parametrize("case,pattern", [
     ("label_out_of_range", "val_labels must be .* values in \\[0, 3\\)"),
     ("length_mismatch", "test_labels must be"),
-    ("empty_val", "val_features must be a non-empty"),
+    ("empty_val_with_a_grid", "without a val split there is nothing to select"),
     ("dim_mismatch", "test_features must be"),
     ("bad_lr", "lr must be None, a positive float"),
 ])
@@ -219,8 +236,9 @@ def test_linear_probe_rejects_bad_inputs(case, pattern):
         by[0] = 3
     elif case == "length_mismatch":
         cy = cy[:5]
-    elif case == "empty_val":
+    elif case == "empty_val_with_a_grid":
         b, by = b[:0], by[:0]
+        kwargs["lr"] = [0.1, 0.3]
     elif case == "dim_mismatch":
         c = torch.randn(10, 4)
     elif case == "bad_lr":

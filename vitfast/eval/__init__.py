@@ -62,15 +62,19 @@ def evaluate_representation(
     features, labels = {}, {}
     for name in names:
         images, labels[name] = split_arrays(splits[name], name)
+        if name == "val" and images.shape[0] == 0:  # val_fraction 0: nothing to select on (the probe's fixed lr)
+            continue
         features[name] = extract_features(encode, images, transform=transform, batch_size=feature_batch_size,
                                           device=device, progress=progress, desc=f"features {name}")
+    if "val" in labels and "val" not in features:
+        features["val"] = features["train"].new_zeros(0, features["train"].shape[1])
     num_classes = getattr(splits[names[0]], "num_classes", None) or infer_num_classes(*labels.values())
 
     result: Dict = {}
     if "knn" in which:
         result["knn_accuracy"] = knn_accuracy(features["train"], labels["train"], features["test"], labels["test"],
                                               k=knn_k, temperature=knn_temperature, num_classes=num_classes)
-        if "val" in features:
+        if "val" in features and features["val"].shape[0] > 0:
             result["knn_val_accuracy"] = knn_accuracy(features["train"], labels["train"], features["val"],
                                                       labels["val"], k=knn_k, temperature=knn_temperature,
                                                       num_classes=num_classes)

@@ -18,15 +18,17 @@ def classification_accuracy(model: nn.Module, splits: Mapping[str, object], tran
     """Accuracy of ``model`` (uint8 images -> ``transform`` -> logits [B, classes]) on the splits ``which``.
 
     A split needs ``.images`` uint8 [N, C, H, W] and ``.labels`` int64 [N]. Returns
-    ``{"val_accuracy": float, "test_accuracy": float}`` (0 for an empty split).
+    ``{"val_accuracy": float, "test_accuracy": float}``; an empty split (no val with ``val_fraction=0``) is left out.
     """
     model.eval()
     result = {}
     for split in which:
         data = splits[split]
+        if len(data.labels) == 0:
+            continue
         correct = 0
         for start in range(0, len(data.labels), batch_size):
             images = transform(data.images[start:start + batch_size].to(device))
             correct += (model(images).argmax(1).cpu() == data.labels[start:start + batch_size]).sum().item()
-        result[f"{split}_accuracy"] = correct / max(1, len(data.labels))
+        result[f"{split}_accuracy"] = correct / len(data.labels)
     return result

@@ -1,8 +1,8 @@
 """Linear probe on frozen features (docs/methods.md §8.2), selected on the validation split only.
 
     result = linear_probe(train_f, train_y, val_f, val_y, test_f, test_y, num_classes=10)
-    result["test_accuracy"]             # test accuracy of the (lr, epoch) with the best val accuracy
-    result["test_accuracy_final_epoch"] # test accuracy after the last epoch of that lr
+    result["test_accuracy"]                # the headline: test accuracy after the last epoch of the lr selected on val
+    result["test_accuracy_best_val_epoch"] # test accuracy of the (lr, epoch) with the best val accuracy (secondary)
 
 Model: BatchNorm1d(D, affine=False) -> Linear(D, num_classes), as in MAE's linear probe (the BN
 without affine only standardises the features and folds into the linear layer at inference).
@@ -20,8 +20,11 @@ float rounding of the batched matmul).
 Selection: after every epoch each head is evaluated on val (BN on running statistics). The chosen
 (lr, epoch) has the highest val accuracy; ties go to the lower val loss, then to the earlier epoch,
 then to the earlier lr of the grid. A head whose val loss is not finite (diverged) is never chosen.
-The test split is evaluated exactly twice, after training: the selected snapshot, and the final
-epoch of the selected lr. ``history`` holds the per-epoch val curves (no test numbers, on purpose).
+The test split is evaluated exactly twice, after training: the final epoch of the selected lr (the
+headline, ``test_accuracy``: the protocol of docs/methods.md §8.2) and the selected snapshot
+(``test_accuracy_best_val_epoch``). ``history`` holds the per-epoch val curves (no test numbers, on purpose).
+With an empty val split (a run with ``val_fraction=0``) nothing is selected: one lr is trained
+(``lr``, default ``LR_WITHOUT_VAL``) and its final epoch is reported.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 from .features import EvalChecker, _progress
 
 LR_GRID: Tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # searched when lr=None; see the module docstring
+LR_WITHOUT_VAL = 0.1  # the lr trained when there is no val split to select on (the grid's middle)
 MOMENTUM = 0.9
 EVAL_CHUNK = 8192  # rows per evaluation matmul
 
@@ -87,16 +91,20 @@ def linear_probe(
 ) -> Dict:
     """Train BN(affine=False) + Linear on train_features [N, D]; select on val [V, D]; report test [M, D].
 
-    ``lr``: None searches ``LR_GRID``; a float trains that lr only; a sequence is a custom grid.
-    Returns ``{"val_accuracy", "test_accuracy", "best_epoch" (1-based), "lr", "test_accuracy_final_epoch",
-    "val_accuracy_final_epoch", "history": {"lr": [G], "train_loss": [G][epochs], "val_accuracy":
-    [G][epochs], "val_loss": [G][epochs]}}``. Deterministic for a given seed on a given device.
+    ``lr``: None searches ``LR_GRID``; a float trains that lr only; a sequence is a custom grid. V may be 0 (no
+    val split): then one lr is trained (None: ``LR_WITHOUT_VAL``) and nothing is selected.
+    Returns ``{"test_accuracy" (final epoch of the selected lr), "test_accuracy_best_val_epoch", "val_accuracy"
+    (the best), "best_epoch" (1-based), "lr", "val_accuracy_final_epoch", "history": {"lr": [G], "train_loss":
+    [G][epochs], "val_accuracy": [G][epochs], "val_loss": [G][epochs]}}`` (without val: the val and best-epoch
+    values are None). Deterministic for a given seed on a given device.
     """
     check = EvalChecker("linear_probe")
     if not isinstance(num_classes, int) or num_classes < 2:
         check.fail(f"num_classes must be an int >= 2, got {num_classes!r}")
+    has_val = not (isinstance(val_features, Tensor) and val_features.dim() == 2 and val_features.shape[0] == 0)
     for split, rows in (("train", "N"), ("val", "V"), ("test", "M")):
-        check.features(f"{split}_features", locals()[f"{split}_features"], rows)
+        if split != "val" or has_val:
+            check.features(f"{split}_features", locals()[f"{split}_features"], rows)
     train_labels = check.labels("train_labels", train_labels, "N", num_classes)
     val_labels = check.labels("val_labels", val_labels, "V", num_classes)
     test_labels = check.labels("test_labels", test_labels, "M", num_classes)
@@ -108,7 +116,11 @@ def linear_probe(
         check.fail(f"batch_size must be an int >= 2 (BatchNorm needs 2 rows), got {batch_size!r}")
     if not weight_decay >= 0:
         check.fail(f"weight_decay must be >= 0, got {weight_decay!r}")
-    lrs = LR_GRID if lr is None else (lr,) if isinstance(lr, (int, float)) else tuple(lr)
+    if lr is None:
+        lr = LR_GRID if has_val else LR_WITHOUT_VAL
+    lrs = (lr,) if isinstance(lr, (int, float)) else tuple(lr)
+    if not has_val and len(lrs) != 1:
+        check.fail(f"without a val split there is nothing to select an lr on: give one lr, got {list(lrs)}")
     if not lrs or not all(isinstance(v, (int, float)) and v > 0 for v in lrs):
         check.fail(f"lr must be None, a positive float or a non-empty sequence of them, got {lr!r}")
     lrs = tuple(float(v) for v in lrs)
@@ -158,9 +170,12 @@ def linear_probe(
                 epoch_loss += loss.detach().double()
             step += 1
 
+        train_loss = (epoch_loss / steps_per_epoch).cpu()
+        if not has_val:
+            history["train_loss"][0].append(float(train_loss[0]))
+            continue
         val_accuracy, val_loss = _evaluate(x_val, y_val, norm.running_mean, norm.running_var, norm.eps,
                                            weight.detach(), bias.detach())
-        train_loss = (epoch_loss / steps_per_epoch).cpu()
         for head in range(heads):
             history["train_loss"][head].append(float(train_loss[head]))
             history["val_accuracy"][head].append(float(val_accuracy[head]))
@@ -171,19 +186,24 @@ def linear_probe(
                             weight.detach()[head:head + 1].clone(), bias.detach()[head:head + 1].clone())
                 best = (key, epoch, head, snapshot)
 
+    if not has_val:
+        final_test, _ = _evaluate(x_test, y_test, norm.running_mean, norm.running_var, norm.eps, weight.detach(),
+                                  bias.detach())
+        return {"test_accuracy": float(final_test[0]), "test_accuracy_best_val_epoch": None, "val_accuracy": None,
+                "best_epoch": None, "lr": lrs[0], "val_accuracy_final_epoch": None, "history": history}
     if best is None:
         check.fail(f"every lr in {list(lrs)} diverged (non-finite val loss); try a smaller lr")
     (best_val, _), best_epoch, best_head, (mean, var, best_weight, best_bias) = best
-    test_accuracy, _ = _evaluate(x_test, y_test, mean, var, norm.eps, best_weight, best_bias)
     final = slice(best_head, best_head + 1)
     final_test, _ = _evaluate(x_test, y_test, norm.running_mean, norm.running_var, norm.eps,
                               weight.detach()[final], bias.detach()[final])
+    best_test, _ = _evaluate(x_test, y_test, mean, var, norm.eps, best_weight, best_bias)
     return {
+        "test_accuracy": float(final_test[0]),
+        "test_accuracy_best_val_epoch": float(best_test[0]),
         "val_accuracy": best_val,
-        "test_accuracy": float(test_accuracy[0]),
         "best_epoch": best_epoch,
         "lr": lrs[best_head],
-        "test_accuracy_final_epoch": float(final_test[0]),
         "val_accuracy_final_epoch": history["val_accuracy"][best_head][-1],
         "history": history,
     }

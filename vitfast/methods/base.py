@@ -16,6 +16,8 @@ Class attributes the registry, the CLI and the engine read (README "Adding a met
                          (``--epochs N`` scales the other stages to add up to N and gives the baseline N)
   random_init_baseline   report the k-NN accuracy of the encoder at initialisation (a self-supervised
                          method's yardstick; a classifier trained with labels has no use for it)
+  accumulates            whether the mean of the losses of micro-batches is the loss of their batch (False for
+                         contrastive and batch-statistic losses: --accum-steps is then refused)
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class Method(nn.Module):
     baselines: Dict[str, Tuple[str, ...]] = {}  # baseline stage -> the stages whose epochs it gets (equal budget)
     all_stages: Tuple[str, ...] = ()   # every stage --stage accepts (default: ``stages``)
     random_init_baseline = True
+    accumulates = True                 # False: the loss couples the batch (in-batch negatives, BatchNorm in the
+                                       # loss path, batch statistics), so --accum-steps > 1 is refused
 
     def __init__(self, config: TrainConfig, data: DataInfo):
         super().__init__()

@@ -74,6 +74,7 @@ class LaCViT(Method):
     stage_init = {"probe": "supcon", "finetune": "supcon"}  # the second stage starts from the supcon encoder
     baselines = {"baseline": ("supcon", "probe")}  # the CE baseline trains as many epochs as these two together
     all_stages = ("supcon", "probe", "finetune", "baseline")
+    accumulates = False  # SupCon's pool is the whole batch (docs/methods.md §4.3); the probe's BatchNorm sees it too
 
     def __init__(self, config, data: DataInfo):
         super().__init__(config, data)

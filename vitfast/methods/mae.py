@@ -37,12 +37,16 @@ class MAE(Method):
                       decoder_dim=64, decoder_depth=2, decoder_heads=4, epochs=60, batch_size=64,
                       lr=1.5e-3, warmup_epochs=5, weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75,
                       norm_pix=True, global_pool="avg"),
-        # docs/methods.md §1.4 (He et al. 2021): AdamW β (0.9, 0.95), wd 0.05, lr 1.5e-4·batch/256, 40 warm-up
-        # epochs, cosine, RRC (0.2, 1) + flip, mask 0.75, norm_pix, 800 epochs, decoder 512 wide × 8 blocks × 16
-        # heads. The encoder is the small-data ViT (patch 4) on 32-px data (ViT-B/16 needs 224-px images).
-        "paper": dict(model="small_data", epochs=800, batch_size=256, base_lr=1.5e-4, warmup_epochs=40,
-                      weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75, norm_pix=True,
-                      decoder_dim=512, decoder_depth=8, decoder_heads=16, global_pool="avg"),
+        # docs/methods.md §1.4 (He et al. 2021, facebookresearch/mae main_pretrain.py): AdamW β (0.9, 0.95), wd 0.05
+        # on every parameter with more than one dimension (cls_token and mask_token included: ``param_groups``),
+        # lr 1.5e-4·batch/256 with the effective batch 4096 (here 16 accumulated micro-batches of 256 per process:
+        # --accum-steps and the number of processes split it, the recipe stays the same), 40 warm-up epochs, cosine,
+        # RRC (0.2, 1) + flip, mask 0.75, norm_pix, 800 epochs, decoder 512 wide × 8 blocks × 16 heads; the linear
+        # probe reads the CLS token (main_linprobe.py's default; global_pool="avg" is the option). Deliberate
+        # difference: the encoder is the small-data ViT (patch 4) on 32-px data (ViT-B/16 needs 224-px images).
+        "paper": dict(model="small_data", epochs=800, batch_size=4096, accum_steps=16, base_lr=1.5e-4,
+                      warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75, norm_pix=True,
+                      decoder_dim=512, decoder_depth=8, decoder_heads=16, global_pool="token"),
     }
 
     def __init__(self, config, data: DataInfo):
@@ -60,6 +64,17 @@ class MAE(Method):
     @property
     def encoder(self):
         return self.model
+
+    def param_groups(self):
+        """MAE's own grouping (its main_pretrain.py: timm's add_weight_decay without a skip list): every parameter
+        with more than one dimension is decayed, ``cls_token`` and ``mask_token`` included; biases and norms are
+        not. (The position embeddings are fixed sin-cos tables, not parameters that train.)"""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        return [{"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
 
     def forward(self, images, labels, indices, generator) -> Tuple[Tensor, Dict[str, float]]:
         x = self.train_views(images, generator)

@@ -31,6 +31,8 @@ class TwoViewMethod(Method):
     The settings dataclass of a subclass extends ``ViewSettings``.
     """
 
+    accumulates = False  # in-batch negatives (and BatchNorm in the heads): a micro-batch is a smaller pool
+
     def __init__(self, config, data: DataInfo):
         super().__init__(config, data)
         # MoCo v3's ViT (Chen et al. 2021; also its SimCLR-ViT baselines): fixed 2-D sin-cos position embedding,
