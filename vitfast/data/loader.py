@@ -14,7 +14,12 @@ every rank and every device type, independent of anything else the run draws. ``
 takes the contiguous slice ``[r·batch_size, (r+1)·batch_size)`` of it, so the ranks' batches
 partition the global batch and 2 ranks × B see exactly the images of 1 rank × 2B.
 
-``drop_last=True`` (training): N // G batches per epoch, every one full. ``drop_last=False``
+``repeats`` = R > 1 is repeated augmentation as the small-data ViT release samples it (docs/methods.md §5.2):
+an epoch visits R·N ids, the concatenation of R permutations (pass 0 is the R = 1 order; pass k > 0 is
+seeded with (seed, epoch, k)), so each image comes R times per epoch, each time freshly augmented, and
+an epoch has R times the batches. Global batches run across pass boundaries, as the release's sampler.
+
+``drop_last=True`` (training): R·N // G batches per epoch, every one full. ``drop_last=False``
 (evaluation): ceil(N / G) batches; the last global batch is split as evenly as possible over the
 ranks (``tensor_split``), so a rank may get a smaller, even empty, last batch — every rank yields the
 same number of batches.
@@ -39,9 +44,10 @@ __all__ = ["BatchLoader", "epoch_permutation"]
 _PRELOAD_LIMIT_BYTES = 4 << 30
 
 
-def epoch_permutation(num_items: int, seed: int, epoch: int) -> Tensor:
-    """The order of epoch ``epoch``: int64 [num_items] on the CPU, a pure function of (seed, epoch)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)]).generate_state(2, np.uint32)
+def epoch_permutation(num_items: int, seed: int, epoch: int, repeat: int = 0) -> Tensor:
+    """Pass ``repeat`` of epoch ``epoch``: int64 [num_items] on the CPU, a pure function of (seed, epoch, repeat)."""
+    key = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch)] + ([int(repeat)] if repeat else [])  # pass 0: the old order
+    state = np.random.SeedSequence(key).generate_state(2, np.uint32)
     generator = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
     return torch.randperm(num_items, generator=generator)
 
@@ -51,7 +57,9 @@ class BatchLoader:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool = True, drop_last: bool = True,
                  seed: int = 0, device: Union[str, torch.device] = "cpu", rank: int = 0, world_size: int = 1,
-                 preload: Optional[bool] = None):
+                 preload: Optional[bool] = None, repeats: int = 1):
+        if int(repeats) != repeats or repeats < 1:
+            raise ValueError(f"BatchLoader: repeats must be an integer >= 1, got {repeats}")
         if batch_size < 1:
             raise ValueError(f"BatchLoader: batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -61,7 +69,8 @@ class BatchLoader:
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.device = torch.device(device)
         self.global_batch = self.batch_size * self.world_size
-        if drop_last and len(dataset) < self.global_batch:
+        self.repeats = int(repeats)
+        if drop_last and self.repeats * len(dataset) < self.global_batch:
             raise UserError(f"{dataset.name} has {len(dataset)} training images, fewer than one global batch of "
                              f"{self.global_batch} (batch_size {batch_size} x world_size {world_size}) with "
                              f"drop_last=True; lower the batch size")
@@ -79,7 +88,7 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        n = len(self.dataset)
+        n = len(self.dataset) * self.repeats
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,9 +108,11 @@ class BatchLoader:
         self.epoch, self.batch = epoch, batch
 
     def order(self, epoch: int) -> Tensor:
-        """Dataset ids of ``epoch`` in visiting order (before sharding), int64 on the CPU."""
+        """Dataset ids of ``epoch`` in visiting order (before sharding), int64 [repeats·N] on the CPU."""
         n = len(self.dataset)
-        return epoch_permutation(n, self.seed, epoch) if self.shuffle else torch.arange(n)
+        passes = [epoch_permutation(n, self.seed, epoch, k) if self.shuffle else torch.arange(n)
+                  for k in range(self.repeats)]
+        return passes[0] if self.repeats == 1 else torch.cat(passes)
 
     def _shard(self, order: Tensor, index: int) -> Tensor:
         chunk = order[index * self.global_batch:(index + 1) * self.global_batch]
