@@ -220,9 +220,80 @@ def _contrastive_out_chunks(d, s) -> int:
         return 1
 
 
+def _dino_loss(p: dict, s: int) -> List[dict]:
+    """G + L crops x B rows, K prototypes of width d (e = d): the two softmax_rows launches (teacher, student; each
+    with its merge of the K splits) and the two softmax_columns launches of the backward, and the op wrapper's
+    glue (vitfast/ops/dino_loss.py, as of 2026-12-01 ~22:20 UTC): the weight norm and its autograd backward (O(K d),
+    the largest part), the teacher mean, the O(V B d) loss and d x, and d W = a - b. No [V B, K] tensor anywhere."""
+    b, d, k = p["B"], p["d"], p["K"]
+    vs, vt = p["G"] + p["L"], p["G"]
+    rs, rt = vs * b, vt * b
+    w, w4 = k * d * s, k * d * 4
+    cast = int(s != 4)  # 16-bit inputs: the glue casts to fp32 and back
+    launches = [
+        _launch("op: weight norm W = v / max(||v||, eps) in fp32 (norm, clamp, div; 16 bits: casts in and out)",
+                2 * w4 + 2 * k * 4 + (w + w4) * cast, w4 + 2 * k * 4 + (w4 + w) * cast, count=3 + 2 * cast),
+        _launch("op: teacher mean = mean of the teacher rows @ W^T (16 bits: casts of rows, W and centre)",
+                rt * d * s + w4 + d * 4 + (rt * d * 4 + w + k * s) * cast, d * 4 + k * 4 + (rt * d * 4 + w4 + k * 4)
+                * cast, 2 * k * d, count=2 + 3 * cast),
+        _launch("fwd: biases -centre / T_t and 0", 2 * k * 4, 3 * k * 4, count=3),
+    ]
+    for who, rows in (("teacher", rt), ("student", rs)):
+        launches += _dino_rows(who, rows, k, d, s)
+    launches += [
+        _launch("fwd: U_v, m_v and the loss from lse and P (16 bits: x cast)",
+                (5 * rt + 3 * rs) * d * 4 + b * d * 4 + 3 * rs * 4 + rs * d * s * cast,
+                (2 * rs + 2 * rt) * d * 4 + b * d * 4 + rs * 4 + rs * d * 4 * cast, count=14 + cast),
+        _launch("bwd: d x = g c / T_s (m P - U) (16 bits: cast)", 4 * rs * d * 4 + 8 + rs * d * 4 * cast,
+                3 * rs * d * 4 + 4 + rs * d * s * cast, count=4 + cast),
+        _launch("bwd: m x and R_j = sum of the other views' x (16 bits: x cast)",
+                2 * rs * d * 4 + (b + rt) * d * 4 + rs * d * s * cast, (rs + b + rt) * d * 4 + rs * d * 4 * cast,
+                count=3 + cast),
+    ]
+    for who, rows in (("student", rs), ("teacher", rt)):
+        launches.append(_dino_columns(who, rows, k, d, s))
+    launches += [
+        _launch("bwd: d W = factor (a - b) (16 bits: cast)", 3 * w4 + w4 * cast, 2 * w4 + w * cast, count=2 + cast),
+        _launch("bwd: autograd of the weight norm to d v (div, neg, mul, sum, masks, add; 16 bits: casts)",
+                12 * w4 + 8 * k * 4 + (w + w4) * cast, 9 * w4 + 4 * k * 4 + (w4 + w) * cast, count=14 + 2 * cast),
+    ]
+    return launches
+
+
+def _dino_plan(kind: str, rows: int, k: int, d: int, s: int) -> tuple:
+    """(K splits, e chunks) of a dino_loss kernel from the launcher's own tables (shape-only)."""
+    try:
+        from vitfast.kernels import dino_loss as kd
+        dtype = torch.float32 if s == 4 else torch.bfloat16
+        table = kd.ROWS_CONFIG if kind == "rows" else kd.COLUMNS_CONFIG
+        cfg = table[kd.width_class(d, d)][dtype]
+        return (kd.split_plan(rows, k, d, cfg)[0] if kind == "rows" else 1), math.ceil(d / cfg["BLOCK_E"])
+    except Exception:  # noqa: BLE001  (triton not installed, or the tables changed): one split, one chunk
+        return 1, 1
+
+
+def _dino_rows(who: str, r: int, k: int, d: int, s: int) -> List[dict]:
+    """softmax_rows: x [r, d] re-read per K split (L2); keys and values (K x d each, also when they are one
+    tensor) once per e chunk (the chunks of one split run side by side: L2); S splits write (m, l) and acc."""
+    splits, chunks = _dino_plan("rows", r, k, d, s)
+    out = 2 * r * 4 + r * d * 4 if splits > 1 else r * 4 + r * d * 4
+    launches = [_launch(f"fwd {who}: z, online softmax, p @ W ({splits} K splits, z {chunks}x)",
+                        r * d * s + 2 * k * d * s + k * 4, splits * out, (chunks + 1) * 2 * r * k * d)]
+    if splits > 1:
+        launches.append(_launch(f"fwd {who}: merge of the K splits", splits * out, r * 4 + r * d * 4))
+    return launches
+
+
+def _dino_columns(who: str, r: int, k: int, d: int, s: int) -> dict:
+    """softmax_columns: one program per K tile (and e chunk) loops over the r rows (x, lse, y re-read: L2)."""
+    _, chunks = _dino_plan("columns", r, k, d, s)
+    return _launch(f"bwd {who}: z again ({chunks}x) from lse, p^T @ y", r * d * s + k * d * s + k * 4 + r * 4 + r * d * 4,
+                   k * d * 4, (chunks + 1) * 2 * r * k * d)
+
+
 FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
          "relation_loss": _relation_loss, "relation_mlp_loss": _relation_mlp_loss,
-         "contrastive_loss": _contrastive_loss}
+         "contrastive_loss": _contrastive_loss, "dino_loss": _dino_loss}
 
 
 def fused(op: str, shape: str, dtype: torch.dtype) -> dict:
