@@ -99,8 +99,13 @@ def test_supervised_loss_is_label_smoothed_ce_on_the_mixed_targets(mixup):
     method.model.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0], logits=output))
     loss, _ = method(images, labels, torch.arange(4), replay(3))
     clean = method.train_views(images, None)
-    # lambda from the pixels the model saw: x_seen = lam * x + (1 - lam) * x_reversed.
-    a, b, m = clean.flatten(1), clean.flip(0).flatten(1), seen["x"].flatten(1)
+    # The partner permutation, replayed: mix_batch draws lam's seed, then randperm (its documented order).
+    g = replay(3)
+    torch.randint(2**62, (), generator=g)
+    perm = torch.randperm(4, generator=g)
+    assert not torch.equal(perm, torch.arange(4))
+    # lambda from the pixels the model saw: x_seen = lam * x + (1 - lam) * x[perm].
+    a, b, m = clean.flatten(1), clean[perm].flatten(1), seen["x"].flatten(1)
     lam = float(((m - b) * (a - b)).sum() / ((a - b) ** 2).sum())
     assert (m - (lam * a + (1 - lam) * b)).abs().max() < 1e-5
     if mixup == 0.0:
@@ -108,7 +113,7 @@ def test_supervised_loss_is_label_smoothed_ce_on_the_mixed_targets(mixup):
     else:
         assert 0.0 < lam < 1.0
     one_hot = F.one_hot(labels, DATA.num_classes).float()
-    expected = smoothed_ce(seen["logits"], lam * one_hot + (1 - lam) * one_hot.flip(0), 0.1)
+    expected = smoothed_ce(seen["logits"], lam * one_hot + (1 - lam) * one_hot[perm], 0.1)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
 
 
