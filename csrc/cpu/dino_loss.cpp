@@ -35,8 +35,8 @@ namespace {
 using cpu::exp_shifted;
 using cpu::gemm;
 
-// Tile shape: Tr rows x Tk keys of logits (256 x 512 fp32 = 512 KB, in L2 between the GEMMs and the element-wise
-// pass); both are also GEMM dimensions, large enough for the BLAS kernels to run near their peak.
+// A logits tile is Tr x Tk = 256 x 512 (512 KB in fp32): it stays in L2 from the GEMM that makes it, through the
+// exp pass, to the GEMM that consumes it; 256 and 512 are sizes at which the BLAS kernels run near peak.
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kKeyTile = 512;
 // softmax_rows' (row tile, key chunk) items: about this many, so that 640 student or 128 teacher rows still give

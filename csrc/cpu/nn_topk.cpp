@@ -26,8 +26,8 @@ namespace {
 
 using cpu::gemm;
 
-// Tile shape: Tb queries x Tq queue entries of similarities (256 x 512 fp32 = 512 KB, in L2 between the GEMM and the
-// scan); both are also GEMM dimensions, large enough for the BLAS kernels to run near their peak.
+// Similarity tiles of Tb x Tq = 256 queries x 512 queue entries (512 KB in fp32) stay in L2 between the GEMM and the
+// scan of its rows.
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kQueueTile = 512;
 // (query tile, queue chunk) items: about this many, so that a few hundred queries still give every thread work.
