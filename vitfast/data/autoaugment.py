@@ -153,7 +153,7 @@ def _luma(images: Tensor) -> Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).round()
 
 
-def _affine(images: Tensor, a, b, c, d, e, f, mode: str) -> Tensor:
+def _affine(images: Tensor, a, b, c, d, e, f, mode: str, axis: Optional[str] = None) -> Tensor:
     """Output pixel centre (x, y) samples the input at (a·x + b·y + c, d·x + e·y + f) (PIL's AFFINE data, [n]
     each, pixel units); samples outside the image are grey 128."""
     n, _, height, width = images.shape
@@ -164,7 +164,7 @@ def _affine(images: Tensor, a, b, c, d, e, f, mode: str) -> Tensor:
     x_in = col(a) * xs + col(b) * ys + col(c)
     y_in = col(d) * xs + col(e) * ys + col(f)
     if mode == "bicubic":
-        out = _bicubic(images.double(), x_in, y_in)
+        out = _bicubic(images.double(), x_in, y_in, axis)
     else:
         grid = torch.stack((2 * x_in / width - 1, 2 * y_in / height - 1), dim=-1)
         out = F.grid_sample(images.double(), grid, mode=mode, padding_mode="border", align_corners=False)
@@ -181,18 +181,20 @@ def _cubic(t: Tensor) -> Tensor:
     return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
 
-def _bicubic(images: Tensor, x_in: Tensor, y_in: Tensor) -> Tensor:
+def _bicubic(images: Tensor, x_in: Tensor, y_in: Tensor, axis: Optional[str] = None) -> Tensor:
     """float [n, C, H, W] sampled at pixel coordinates x_in, y_in [n, H, W] (centres at +0.5), 4×4 taps with
-    PIL's kernel, neighbours clamped to the image -> float [n, C, H, W]."""
+    PIL's kernel, neighbours clamped to the image -> float [n, C, H, W]. ``axis`` "x" ("y"): the other
+    coordinate falls on pixel centres (a shear along x / y), where the kernel is 1 at the centre tap and 0 at the
+    others, so only the 4 taps along ``axis`` are summed."""
     n, channels, height, width = images.shape
     xs, ys = x_in - 0.5, y_in - 0.5
     x0, y0 = xs.floor(), ys.floor()
     flat = images.flatten(2)
     out = torch.zeros_like(images)
-    for ky in range(-1, 3):
+    for ky in ((0,) if axis == "x" else range(-1, 3)):
         wy = _cubic(ys - (y0 + ky))
         rows = (y0 + ky).clamp(0, height - 1).long()
-        for kx in range(-1, 3):
+        for kx in ((0,) if axis == "y" else range(-1, 3)):
             weight = (wy * _cubic(xs - (x0 + kx))).unsqueeze(1)
             cols = (x0 + kx).clamp(0, width - 1).long()
             index = (rows * width + cols).flatten(1).unsqueeze(1).expand(n, channels, -1)
@@ -202,12 +204,12 @@ def _bicubic(images: Tensor, x_in: Tensor, y_in: Tensor) -> Tensor:
 
 def _shear_x(x, m):
     one, zero = torch.ones_like(m), torch.zeros_like(m)
-    return _affine(x, one, m, zero, zero, one, zero, "bicubic")
+    return _affine(x, one, m, zero, zero, one, zero, "bicubic", axis="x")
 
 
 def _shear_y(x, m):
     one, zero = torch.ones_like(m), torch.zeros_like(m)
-    return _affine(x, one, zero, zero, m, one, zero, "bicubic")
+    return _affine(x, one, zero, zero, m, one, zero, "bicubic", axis="y")
 
 
 def _translate_x(x, m):
