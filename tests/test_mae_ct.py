@@ -4,7 +4,8 @@ NNCLRLoss against a dense formula written out here (stable sort, own ids removed
 from a copy of the generator, plain cross-entropy), the queue's FIFO contents and the start-up rule; the stages:
 what learns in head and ct, the layer-wise lr scales, the EMA projector (keys, queue) and EMA encoder (evaluated),
 the ct stage's init from the head stage, the mae stage being `--method mae` itself; the whole pipeline and
-`--stage ct` through the CLI on a tiny model. Cost: ~25 s on 2 cores (32-wide ViTs, 320 digits for the CLI runs).
+`--stage ct` through the CLI on a tiny model. Cost: ~50 s on 2 cores measured under heavy load (~28 s of it the CLI
+test: 32-wide ViTs, 320 digits).
 """
 import json
 import math

@@ -41,7 +41,7 @@ __all__ = ["MAECT", "MAECTConfig"]
 class MAECTConfig(MAEConfig):
     temperature: float = setting(0.15, "NNCLR softmax temperature (stages head, ct)", within="(0, inf)")
     queue_size: int = setting(65536, "entries of the NNCLR feature queue", within="[1, inf)")
-    topk: int = setting(20, "the lookup draws one of the topk nearest queue entries (presets: head 1, ct 20)",
+    topk: int = setting(1, "the lookup draws one of the topk nearest queue entries (presets: head 1, ct 20)",
                         within="[1, inf)")
     proj_hidden_dim: int = setting(2048, "hidden width of the 3-layer projector", within="[1, inf)")
     proj_dim: int = setting(256, "output width of the projector (and the predictor)", within="[1, inf)")
