@@ -112,17 +112,18 @@ def speed_up_sort() -> bool:
     import triton.language as tl
     import triton.language.standard as standard
 
+    global _original_xor_sum  # a global: the interpreter runs jit functions without their closure
     if getattr(standard.xor_sum, "pairs_by_max_min", False):
         return True
-    original = standard.xor_sum
+    _original_xor_sum = standard.xor_sum
 
     @triton.jit
     def xor_sum(input, axis=None, keep_dims=False):
         if axis is not None and input.shape[axis] == 2:
             return tl.max(input, axis, keep_dims=keep_dims) ^ tl.min(input, axis, keep_dims=keep_dims)
-        return original(input, axis, keep_dims=keep_dims)
+        return _original_xor_sum(input, axis, keep_dims=keep_dims)
 
-    xor_sum.pairs_by_max_min, xor_sum.original = True, original
+    xor_sum.pairs_by_max_min, xor_sum.original = True, _original_xor_sum
     standard.xor_sum = xor_sum  # the sort's compare-and-swap looks it up in that module's globals
     return True
 
