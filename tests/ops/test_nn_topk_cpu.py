@@ -5,7 +5,8 @@ every similarity exact in every dtype, so ranks must match the reference exactly
 across chunk boundaries; and duplicated queue rows of real data); fp16/bf16 widened per tile; the at::addmm_out GEMM
 path; bitwise thread-count independence; the public nn_topk on the cpu backend; the precondition check.
 
-Cost: about 5 s on 2 cores (the largest case is 300 queries x 3000 queue entries).
+Cost: 8 s of test time on 2 cores shared with about 10 busy processes (the largest case is 300 queries x 3000
+queue entries); less on a quiet machine.
 """
 import pytest
 import torch
