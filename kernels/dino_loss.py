@@ -51,7 +51,7 @@ _INV_P_SCALE_C = tl.constexpr(1.0 / 256.0)
 # vitfast.compile_check compiles every entry for sm_80 and sm_90a: 0 spills, mma / wgmma).
 # Width classes by max(d, e): d64, d128, d256; "chunked" above 256. ONE_CHUNK: BLOCK_D = BLOCK_E = the class width,
 # the row tile held in registers for the whole loop (fp16 / bf16). fp32: small tiles, z summed over 32-wide d chunks,
-# 64-wide e chunks. DINO's benchmark (R = 640 student / 128 teacher rows, K = 65536, d = e = 256): 16-bit row tiles of
+# 64-wide e chunks (columns: 16 and 32; d 32 / e 64 and d 16 / e 64 spilled 4-32 B on sm_80). DINO's benchmark (R = 640 student / 128 teacher rows, K = 65536, d = e = 256): 16-bit row tiles of
 # 64 rows (no idle rows), K tiles of 32 (rows) / 64 (columns: 1024 programs).
 # ---------------------------------------------------------------------------------------------------
 CLASSES = {"d64": 64, "d128": 128, "d256": 256, "chunked": None}
@@ -72,10 +72,10 @@ ROWS_CONFIG = {
     "d64": _per_dtype(_half(64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=2), _ROWS32),
     "d128": _per_dtype(_half(128, BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=2), _ROWS32),
     "d256": _per_dtype(_half(256, BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=2), _ROWS32),
-    "chunked": _per_dtype(dict(BLOCK_R=64, BLOCK_K=32, BLOCK_D=64, BLOCK_E=128, ONE_CHUNK=False, num_warps=8,
+    "chunked": _per_dtype(dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=64, BLOCK_E=128, ONE_CHUNK=False, num_warps=8,
                                num_stages=1), _ROWS32),
 }
-_COLS32 = dict(BLOCK_K=32, BLOCK_R=32, BLOCK_D=32, BLOCK_E=64, ONE_CHUNK=False, num_warps=4, num_stages=1)
+_COLS32 = dict(BLOCK_K=32, BLOCK_R=32, BLOCK_D=16, BLOCK_E=32, ONE_CHUNK=False, num_warps=4, num_stages=1)
 COLUMNS_CONFIG = {
     "d64": _per_dtype(_half(64, BLOCK_K=64, BLOCK_R=64, num_warps=4, num_stages=2), _COLS32),
     "d128": _per_dtype(_half(128, BLOCK_K=64, BLOCK_R=32, num_warps=8, num_stages=2), _COLS32),
