@@ -5,7 +5,7 @@ bias [K] fp32, z_rk = scale * <x_r, keys_k> + bias_k:
 
     softmax_rows(x, keys, values, bias, scale) -> (lse [R], out [R, e])    flash-attention forward
         lse_r = log sum_k exp(z_rk),  out_r = sum_k exp(z_rk - lse_r) values_k
-    softmax_columns(x, keys, bias, scale, lse, y [R, e] fp32) -> out [K, e]   its dV: out_k = sum_r exp(z_rk - lse_r) y_r
+    softmax_columns(x, keys, bias, scale, lse, y [R, e] fp32) -> out [K, e]    (dV): out_k = sum_r exp(z_rk - lse_r) y_r
 
 Kernels (1-D grids, the long dimension on axis 0; offsets that scale with R, K, d or e in int64; outputs fp32):
 
@@ -51,8 +51,9 @@ _INV_P_SCALE_C = tl.constexpr(1.0 / 256.0)
 # vitfast.compile_check compiles every entry for sm_80 and sm_90a: 0 spills, mma / wgmma).
 # Width classes by max(d, e): d64, d128, d256; "chunked" above 256. ONE_CHUNK: BLOCK_D = BLOCK_E = the class width,
 # the row tile held in registers for the whole loop (fp16 / bf16). fp32: small tiles, z summed over 32-wide d chunks,
-# 64-wide e chunks (columns: 16 and 32; d 32 / e 64 and d 16 / e 64 spilled 4-32 B on sm_80). DINO's benchmark (R = 640 student / 128 teacher rows, K = 65536, d = e = 256): 16-bit row tiles of
-# 64 rows (no idle rows), K tiles of 32 (rows) / 64 (columns: 1024 programs).
+# 64-wide e chunks (columns: 16 and 32; d 32 / e 64 and d 16 / e 64 spilled 4-32 B on sm_80). DINO's benchmark
+# (R = 640 student / 128 teacher rows, K = 65536, d = e = 256): 16-bit row tiles of 64 rows (no idle rows), K tiles
+# of 32 (rows) / 64 (columns: 1024 programs).
 # ---------------------------------------------------------------------------------------------------
 CLASSES = {"d64": 64, "d128": 128, "d256": 256, "chunked": None}
 TARGET_PROGRAMS = 264         # rows kernel: cut K into splits until about this many programs (2 per SM of an H100)
@@ -334,7 +335,8 @@ def _aot_specs() -> list:
                 _rows_kernel, ROWS_CONFIG[name].get,
                 lambda ty: dict(x_ptr=ty, keys_ptr=ty, values_ptr=ty, bias_ptr="fp32", stats_ptr="fp32",
                                 out_ptr="fp32"),
-                dict(SPLIT=split), ints=_INTS, floats=_FLOATS, aligned=_ALIGNED, variant=f"{'split' if split else 'whole'} {name}")
+                dict(SPLIT=split), ints=_INTS, floats=_FLOATS, aligned=_ALIGNED,
+                variant=f"{'split' if split else 'whole'} {name}")
         specs += aot_specs(
             _columns_kernel, COLUMNS_CONFIG[name].get,
             lambda ty: dict(x_ptr=ty, keys_ptr=ty, bias_ptr="fp32", lse_ptr="fp32", y_ptr="fp32", out_ptr="fp32"),

@@ -287,8 +287,8 @@ def _dino_rows(who: str, r: int, k: int, d: int, s: int) -> List[dict]:
 def _dino_columns(who: str, r: int, k: int, d: int, s: int) -> dict:
     """softmax_columns: one program per K tile (and e chunk) loops over the r rows (x, lse, y re-read: L2)."""
     _, chunks = _dino_plan("columns", r, k, d, s)
-    return _launch(f"bwd {who}: z again ({chunks}x) from lse, p^T @ y", r * d * s + k * d * s + k * 4 + r * 4 + r * d * 4,
-                   k * d * 4, (chunks + 1) * 2 * r * k * d)
+    return _launch(f"bwd {who}: z again ({chunks}x) from lse, p^T @ y",
+                   r * d * s + k * d * s + k * 4 + r * 4 + r * d * 4, k * d * 4, (chunks + 1) * 2 * r * k * d)
 
 
 FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
