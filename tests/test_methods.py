@@ -36,10 +36,15 @@ def test_mae_step_and_no_decay_groups():
     loss.backward()
     assert loss.item() > 0 and method.model.patch_embed.proj.weight.grad is not None
     decay, no_decay = method.param_groups()
-    no_decay_ids = {id(p) for p in no_decay["params"]}
-    assert id(method.decoder.mask_token) in no_decay_ids and id(method.model.cls_token) in no_decay_ids
-    assert id(method.model.blocks[0].attn.qkv.weight) in {id(p) for p in decay["params"]}
+    decay_ids = {id(p) for p in decay["params"]}
+    # The presets decay the tokens, as MAE's release does (tests/test_recipes.py); without decay_tokens they are not.
+    assert id(method.decoder.mask_token) in decay_ids and id(method.model.cls_token) in decay_ids
+    assert id(method.model.blocks[0].attn.qkv.weight) in decay_ids
     assert all(p.requires_grad for g in (decay, no_decay) for p in g["params"])  # frozen sin-cos tables excluded
+    shared_rule = MAE(config.replace(decay_tokens=False), DATA)
+    _, shared_no_decay = shared_rule.param_groups()
+    kept = {id(p) for p in shared_no_decay["params"]}
+    assert id(shared_rule.decoder.mask_token) in kept and id(shared_rule.model.cls_token) in kept
 
 
 def test_supervised_step_reports_accuracy():

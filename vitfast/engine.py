@@ -222,6 +222,7 @@ class Trainer:
         self.model = (DistributedDataParallel(self.method, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if self.dist.enabled else self.method)
         self.loader = BatchLoader(train, self.rank_batch, shuffle=True, drop_last=True, seed=c.seed, device=self.device,
+                                  repeats=getattr(c.method_config, "repeated_augmentation", 1),
                                   rank=self.dist.rank, world_size=self.dist.world_size)
         self.generator = torch.Generator(self.device).manual_seed(c.seed * 1_000_003 + self.dist.rank)
         self.peak_lr = c.lr if c.lr is not None else c.base_lr * c.batch_size / 256  # batch_size is global

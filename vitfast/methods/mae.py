@@ -24,6 +24,8 @@ class MAEConfig:
     decoder_dim: int = setting(64, "width of the MAE decoder", within="[1, inf)")
     decoder_depth: int = setting(2, "blocks of the MAE decoder", within="[0, inf)")
     decoder_heads: int = setting(4, "attention heads of the MAE decoder", within="[1, inf)")
+    # Off for run folders written before it existed (their optimizer state has the old groups); the presets turn it on.
+    decay_tokens: bool = setting(False, "weight decay on cls_token and mask_token too, as MAE's release does")
 
 
 class MAE(Method):
@@ -36,7 +38,7 @@ class MAE(Method):
         "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8,
                       decoder_dim=64, decoder_depth=2, decoder_heads=4, epochs=60, batch_size=64,
                       lr=1.5e-3, warmup_epochs=5, weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75,
-                      norm_pix=True, global_pool="avg"),
+                      norm_pix=True, global_pool="avg", decay_tokens=True),
         # docs/methods.md §1.4 (He et al. 2021, facebookresearch/mae main_pretrain.py): AdamW β (0.9, 0.95), wd 0.05
         # on every parameter with more than one dimension (cls_token and mask_token included: ``param_groups``),
         # lr 1.5e-4·batch/256 with the effective batch 4096 (here 16 accumulated micro-batches of 256 per process:
@@ -46,7 +48,7 @@ class MAE(Method):
         # difference: the encoder is the small-data ViT (patch 4) on 32-px data (ViT-B/16 needs 224-px images).
         "paper": dict(model="small_data", epochs=800, batch_size=4096, accum_steps=16, base_lr=1.5e-4,
                       warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95), mask_ratio=0.75, norm_pix=True,
-                      decoder_dim=512, decoder_depth=8, decoder_heads=16, global_pool="token"),
+                      decoder_dim=512, decoder_depth=8, decoder_heads=16, global_pool="token", decay_tokens=True),
     }
 
     def __init__(self, config, data: DataInfo):
@@ -66,9 +68,12 @@ class MAE(Method):
         return self.model
 
     def param_groups(self):
-        """MAE's own grouping (its main_pretrain.py: timm's add_weight_decay without a skip list): every parameter
-        with more than one dimension is decayed, ``cls_token`` and ``mask_token`` included; biases and norms are
-        not. (The position embeddings are fixed sin-cos tables, not parameters that train.)"""
+        """With ``decay_tokens`` (the presets), MAE's own grouping (its main_pretrain.py: timm's add_weight_decay
+        without a skip list): every parameter with more than one dimension is decayed, ``cls_token`` and
+        ``mask_token`` included; biases and norms are not. (The position embeddings are fixed sin-cos tables, not
+        parameters that train.) Without it, the shared rule (tokens not decayed)."""
+        if not self.config.method_config.decay_tokens:
+            return super().param_groups()
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if param.requires_grad:
