@@ -1,6 +1,6 @@
 // nn_topk on the CPU: each query's k most similar queue entries not carrying its own id, in rank order (similarity
-// descending, ties: lower queue index first), in the kernel-level form of vitfast/ops/nn_topk.py, without the [B, Q]
-// similarities.
+// descending, NaN first as in the reference's sort; ties: lower queue index first), in the kernel-level form of
+// vitfast/ops/nn_topk.py, without the [B, Q] similarities.
 //
 // Work item = (query tile I, chunk of queue tiles) (common.h: ChunkGrid). Per queue tile J one single-threaded BLAS
 // GEMM S[Tb, Tq] = queries[I] queue[J]^T fills a per-thread buffer; then every query row is scanned against its bounded
@@ -33,6 +33,13 @@ constexpr int64_t kQueueTile = 512;
 // (query tile, queue chunk) items: about this many, so that a few hundred queries still give every thread work.
 constexpr int64_t kTargetItems = 16;
 
+// The rank order of similarities, as the reference's descending sort has it: NaN above everything (NaNs tie), then
+// by value (-0 ties with +0; equal values are ordered by index by the caller).
+template <typename T>
+inline bool ranks_above(T a, T b) {
+  return a != a ? b == b : a > b;
+}
+
 // One query's best entries so far: count of them (<= k), sorted by value descending, ties by index ascending.
 template <typename T>
 struct Best {
@@ -42,11 +49,13 @@ struct Best {
   int32_t k;
 
   bool full() const { return *count == k; }
+  // Whether (v, an index above every index held) would enter the list.
+  bool admits(T v) const { return !full() || ranks_above(v, value[k - 1]); }
   // Inserts (v, q), where q is larger than every index held: it goes after the entries of equal value. When the list
-  // is full the caller has checked that v beats the last value, which is dropped.
+  // is full the caller has checked admits(v); the last entry is dropped.
   void insert(T v, int64_t q) {
     int32_t p = *count < k ? (*count)++ : k - 1;
-    for (; p > 0 && value[p - 1] < v; --p) {
+    for (; p > 0 && ranks_above(v, value[p - 1]); --p) {
       value[p] = value[p - 1];
       index[p] = index[p - 1];
     }
@@ -66,7 +75,9 @@ void scan_row(Best<T> best, const T* s, const int64_t* ids, int64_t own, int64_t
   if (c == cols) return;
   T threshold = best.value[best.k - 1];
   for (; c < cols; ++c) {
-    if (s[c] > threshold && ids[c] != own) {  // rare once the list holds good entries: one compare per entry
+    // One compare per entry: !(s <= threshold) lets through every entry that ranks above the threshold (NaNs too),
+    // and is rarely true once the list holds good entries.
+    if (!(s[c] <= threshold) && ranks_above(s[c], threshold) && ids[c] != own) {
       best.insert(s[c], col0 + c);
       threshold = best.value[best.k - 1];
     }
@@ -124,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> topk_impl(const at::Tensor& queries_in, const
       for (int64_t c = 0; c < grid.chunks; ++c) {
         const Best<T> part = list(c * n_queries + b);
         for (int32_t i = 0; i < *part.count; ++i) {
-          if (best.full() && !(part.value[i] > best.value[k - 1])) break;
+          if (!best.admits(part.value[i])) break;
           best.insert(part.value[i], part.index[i]);
         }
       }

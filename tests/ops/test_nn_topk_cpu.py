@@ -3,7 +3,8 @@ kernel's tile and chunk rules: several query tiles, queue tiles and queue chunks
 equal to the number of eligible entries (every one of them, in rank order); duplicate ids; ties (integer features:
 every similarity exact in every dtype, so ranks must match the reference exactly, ties by the lower index, also
 across chunk boundaries; and duplicated queue rows of real data); fp16/bf16 widened per tile; the at::addmm_out GEMM
-path; bitwise thread-count independence; the public nn_topk on the cpu backend; the precondition check.
+path; bitwise thread-count independence; NaN, inf and -0 similarities ranked as the reference sorts them; the
+public nn_topk on the cpu backend; the precondition check.
 
 Cost: 8 s of test time on 2 cores shared with about 10 busy processes (the largest case is 300 queries x 3000
 queue entries); less on a quiet machine.
@@ -97,6 +98,21 @@ def test_duplicated_queue_rows_rank_by_index(assert_close):
     values, indices = torch.ops.vitfast_C.nn_topk(queries, queue, query_ids, queue_ids, 20)
     assert indices[0, :3].tolist() == [3, 600, 1000] and values[0, 0] == values[0, 1] == values[0, 2]
     check((queries, queue, query_ids, queue_ids), 20, assert_close)
+
+
+def test_special_similarities_rank_as_the_reference_sorts():
+    # d = 1 and query 1.0: the similarities are the queue values themselves. The reference's descending sort puts
+    # NaN first, then inf, ..., -inf; -0.0 ties with +0.0 (lower index first). Specials sit in both queue tiles.
+    special = [1.5, -0.0, 0.0, -2.0, float("inf"), float("-inf"), float("nan"), 0.0]
+    queue = torch.full((600, 1), -3.0)
+    queue[:8, 0] = torch.tensor(special)
+    queue[520:528, 0] = torch.tensor(special)
+    queries = torch.ones(1, 1)
+    ids = torch.full((1,), NO_ID), torch.zeros(600, dtype=torch.int64)
+    values, indices = torch.ops.vitfast_C.nn_topk(queries, queue, *ids, 20)
+    want_values, want_indices = _reference_topk(queries.double(), queue.double(), *ids, 20)
+    assert indices[0, :12].tolist() == [6, 526, 4, 524, 0, 520, 1, 2, 7, 521, 522, 527]
+    assert torch.equal(indices, want_indices) and torch.equal(values.double().nan_to_num(), want_values.nan_to_num())
 
 
 def test_gemm_through_aten(monkeypatch, assert_close):
