@@ -68,7 +68,8 @@ def unfused(op: str, shape: str, dtype: torch.dtype) -> dict:
     log, flops = _Log(), FlopCounterMode(display=False)
     with flops, log:
         out = case.reference(inputs)
-        out.backward(torch.ones_like(out))
+        if out.requires_grad:  # nn_topk is a lookup: forward only
+            out.backward(torch.ones_like(out))
     return dict(launches=log.launches, bytes=log.bytes, flops=flops.get_total_flops())
 
 
@@ -291,9 +292,39 @@ def _dino_columns(who: str, r: int, k: int, d: int, s: int) -> dict:
                    r * d * s + k * d * s + k * 4 + r * 4 + r * d * 4, k * d * 4, (chunks + 1) * 2 * r * k * d)
 
 
+def _nn_topk(p: dict, s: int) -> List[dict]:
+    """B queries, Q queue rows of width d, k kept (kernels/nn_topk.py as of 2026-12-01 ~22:40 UTC), at the kernel
+    level as the gpu_check case calls it (the public function adds its eligibility count: a sort of the queue ids):
+    one kernel launch writing the chunks' int64 candidates, their torch.topk merge and decode. The queue is re-read
+    per query block (L2, not counted). No [B, Q] tensor. The case adds the float64 similarity of the k returned
+    entries (a [B, k, d] gather) on both sides."""
+    b, q, d, k = p["B"], p["Q"], p["D"], p["k"]
+    chunks = _nn_topk_chunks(b, q, d, k, s)
+    check = b * k * d * 8 * 2 + b * d * 8 + b * k * 8
+    return [
+        _launch("ceiling [B] (INT64_MAX)", 0, b * 8),
+        _launch(f"kernel: similarities by tl.dot, rank keys, thresholded top-k per chunk ({chunks} chunks)",
+                b * d * s * chunks + q * d * s + q * 8 + b * 16, b * chunks * k * 8, 2 * b * q * d),
+        _launch("merge: torch.topk over the chunks' candidates", b * chunks * k * 8, b * k * 16, count=int(chunks > 1)),
+        _launch("decode keys into fp32 values and int64 indices", b * k * 8 * 6, b * k * 8 * 5, count=6),
+        _launch("gpu_check case: float64 similarity of the returned entries (gather, casts, einsum)", check, check,
+                2 * b * k * d, count=5),
+    ]
+
+
+def _nn_topk_chunks(b, q, d, k, s) -> int:
+    """Queue chunks of the nn_topk kernel, from the launcher's own plan (shape-only)."""
+    try:
+        from vitfast.kernels.nn_topk import plan
+        return plan(b, q, d, k, torch.float32 if s == 4 else torch.bfloat16)[1]
+    except Exception:  # noqa: BLE001  (triton not installed, or the plan changed): one chunk
+        return 1
+
+
 FUSED = {"masked_patch_embed": _masked_patch_embed, "masked_pixel_loss": _masked_pixel_loss,
          "relation_loss": _relation_loss, "relation_mlp_loss": _relation_mlp_loss,
-         "contrastive_loss": _contrastive_loss, "dino_loss": _dino_loss}
+         "contrastive_loss": _contrastive_loss, "dino_loss": _dino_loss,
+         "nn_topk": _nn_topk}
 
 
 def fused(op: str, shape: str, dtype: torch.dtype) -> dict:

@@ -32,7 +32,7 @@ import time
 
 SECTIONS = ("accuracy", "repeatability", "limits", "timing")
 OPS = ("masked_patch_embed", "masked_pixel_loss", "relation_loss", "relation_mlp_loss", "contrastive_loss",
-       "dino_loss")
+       "dino_loss", "nn_topk")
 
 
 def _parse(argv):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from vitfast import ops
+from vitfast.ops.nn_topk import _reference_topk as _nn_topk_reference
 
 # Band on the normwise error max|actual - expected| / max|expected| (as docs/testing.md measures it) per computation
 # dtype, for a result against the float64 reference computed from the same (already rounded) inputs. From the unit
@@ -297,5 +298,40 @@ DINO_LOSS = OpCase(
     loss_scale=lambda x: _scale_pow2(x["teacher_views"] * (x["views"] - 1) * x["student"].shape[0] / x["views"]),
 )
 
+# ---- nn_topk ----
+
+def _nt_make(p, gen):
+    """Unit rows (the cosine) queries [B, d], queue [Q, d]; ids drawn from Q / 8 values: every query's id sits on
+    about 8 queue entries (excluded), and several queries share ids."""
+    batch, size, dim = p["B"], p["Q"], p["D"]
+    return dict(queries=torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1),
+                queue=torch.nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1),
+                query_ids=torch.randint(0, max(2, size // 8), (batch,), generator=gen),
+                queue_ids=torch.randint(0, max(2, size // 8), (size,), generator=gen), k=p["k"])
+
+
+def _nt_similarity(x, indices):
+    """The float64 similarity of each returned entry [B, k]: the rank's similarity whatever entry a near-tie picked,
+    far from it when an index is wrong (the kernel-level op, no draw: every rank is checked)."""
+    return torch.einsum("bd,bkd->bk", x["queries"].double(), x["queue"].double()[indices])
+
+
+def _nt_args(x):
+    return x["queries"], x["queue"], x["query_ids"], x["queue_ids"], x["k"]
+
+
+NN_TOPK = OpCase(
+    name="nn_topk",
+    shapes={"bench B512 Q65536 d256 k20": dict(B=512, Q=65536, D=256, k=20),
+            "ragged B9 Q150 d40 k20": dict(B=9, Q=150, D=40, k=20),
+            "ragged B5 Q70 d33 k1": dict(B=5, Q=70, D=33, k=1)},
+    grads=(),  # a lookup: no gradient
+    bench_grads=(),
+    floating=("queries", "queue"),
+    make=_nt_make,
+    fused=lambda x, backend: _nt_similarity(x, torch.ops.vitfast.nn_topk(*_nt_args(x), backend)[1]),
+    reference=lambda x: _nt_similarity(x, _nn_topk_reference(*_nt_args(x))[1]),  # plain aten ops
+)
+
 CASES = {case.name: case for case in (MASKED_PATCH_EMBED, MASKED_PIXEL_LOSS, RELATION_LOSS, RELATION_MLP_LOSS,
-                                      CONTRASTIVE_LOSS, DINO_LOSS)}
+                                      CONTRASTIVE_LOSS, DINO_LOSS, NN_TOPK)}

@@ -25,7 +25,8 @@ def run_step(fn: Callable, x: dict, grads: Iterable[str], upstream: Callable):
     leaves = {name: x[name].detach().requires_grad_() for name in grads}
     out = fn({**x, **leaves})
     grad_out = upstream(out)
-    out.backward(grad_out)
+    if leaves:  # an op without a gradient (nn_topk) runs its forward only
+        out.backward(grad_out)
     return out.detach(), {name: leaf.grad for name, leaf in leaves.items()}, grad_out
 
 
@@ -38,7 +39,9 @@ def make_step(fn: Callable, x: dict, grads: Iterable[str], upstream: Callable) -
     def step():
         for leaf in leaves.values():
             leaf.grad = None
-        fn(inputs).backward(grad_out)
+        out = fn(inputs)
+        if leaves:  # an op without a gradient: forward only
+            out.backward(grad_out)
 
     return step
 
@@ -59,6 +62,8 @@ class _Floor(torch.autograd.Function):
 def floor_step(x: dict, grads: Iterable[str]) -> Callable[[], None]:
     """The step that holds only the inputs and allocates only their gradients."""
     names = list(grads)
+    if not names:  # an op without a gradient: the inputs only, nothing allocated
+        return lambda: None
     return make_step(lambda inputs: _Floor.apply(*(inputs[n] for n in names)), x, names, torch.ones_like)
 
 
