@@ -20,7 +20,7 @@ from vitfast.train import main
 
 DATA = DataInfo(channels=1, image_size=16, num_classes=10, mean=(0.5,), std=(0.25,))
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=4, head_hidden_dim=24, bottleneck_dim=8,
-            n_prototypes=12, n_local_crops=2, local_crop_size=8, batch_size=6, progress=False)
+            n_prototypes=12, n_local_crops=2, local_crop_size=8, evaluate_teacher=True, batch_size=6, progress=False)
 
 
 def dino(stage="dino", **overrides):
@@ -226,6 +226,9 @@ def test_presets_stages_and_errors():
     assert (f["epochs"], f["lr"], f["mixup"], f["cutmix"], f["random_erasing"], f["autoaugment"]) == (
         100, 1e-3, 0.8, 1.0, 0.25, True)
     assert dino().random_init_baseline and not dino("finetune").random_init_baseline
+    student = dino(evaluate_teacher=False)
+    teacher = dino(evaluate_teacher=True)
+    assert student.encoder is student.model and teacher.encoder is teacher.teacher["encoder"]
     assert dino("finetune").classifier().head.out_features == 10
     with pytest.raises(UserError, match="local_crop_size must be a multiple of patch_size 4, got 6 px"):
         dino(local_crop_size=6)
@@ -251,7 +254,7 @@ def small_digits(monkeypatch):
 
 
 FLAGS = [arg for key, value in {**TINY, "batch_size": 32, "probe_epochs": 2}.items() if key != "progress"
-         for arg in ("--set", f"{key}={value}")] + ["--no-progress"]
+         for arg in ("--set", f"{key}={json.dumps(value)}")] + ["--no-progress"]
 
 
 def test_stages_end_to_end(tmp_path, small_digits):
