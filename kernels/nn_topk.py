@@ -30,6 +30,8 @@ D: fp16 / bf16 rows up to 256 are one zero-padded BLOCK_D chunk held in register
 wider rows sum the dot over BLOCK_D chunks. Dots take the input dtype: fp16 / bf16 on tensor cores, fp32 as TF32
 unless ``torch.get_float32_matmul_precision() == "highest"`` (IEEE), like the reference's matmul.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -239,6 +241,8 @@ def _aot_specs() -> list:
                        spec.num_stages)
                 if key not in seen:
                     seen.add(key)
+                    if not spec.constexprs["ONE_CHUNK"] and spec.signature["queries_ptr"] == "*fp32":
+                        spec = dataclasses.replace(spec, variant=spec.variant.replace(dclass, "any d"))
                     specs.append(spec)
     return specs
 
