@@ -33,7 +33,7 @@ from .config import TrainConfig, UserError
 from .data import augment, load_splits
 from .data.loader import BatchLoader
 from .distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
-from .methods import DataInfo, get_method
+from .methods import DataInfo, Method, get_method
 
 CHECKPOINT = "checkpoint-last.pt"
 FORMAT = 2  # 2: the method's encoder_state_dict() under "encoder" (format 1 had none; checkpoint.py reads both)
@@ -214,9 +214,9 @@ class Trainer:
                                   num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))
         self._check_model_fits_data()
         method = get_method(c.method)
-        self.rank_batch = self._rank_batch(method)
         torch.manual_seed(c.seed)  # identical initial weights on every rank
         self.method = method(c, self.data_info).to(self.device)
+        self.rank_batch = self._rank_batch(self.method)  # the method (or its stage) says whether it accumulates
         if c.init:
             self._load_init(c.init)
         self.model = (DistributedDataParallel(self.method, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -244,7 +244,7 @@ class Trainer:
         self._in_loop = False
         self._warn_about_settings(len(train))
 
-    def _rank_batch(self, method) -> int:
+    def _rank_batch(self, method: "Method") -> int:
         """Images per rank per optimizer step: the global batch split over ranks (and then over accum_steps
         micro-batches); a split that is not exact, or accumulation in a method whose loss couples the batch, is a
         one-line error."""
