@@ -15,6 +15,7 @@ from vitfast.config import UserError, build_config
 from vitfast.engine import CHECKPOINT, Trainer
 from vitfast.methods import DataInfo, get_method
 from vitfast.methods.dino import cosine_schedule
+from vitfast.methods.supervised import PAPER_RECIPE
 from vitfast.nn import DINOHead, DINOLoss, DropPath, cosine_momentum
 from vitfast.train import main
 
@@ -223,8 +224,8 @@ def test_presets_stages_and_errors():
     assert (s.n_local_crops, s.head_hidden_dim, s.bottleneck_dim, s.n_prototypes, s.momentum, s.weight_decay_end,
             s.student_temp, s.teacher_temp, s.warmup_teacher_temp, s.warmup_teacher_temp_epochs) == (
         8, 512, 256, 1024, 0.996, 0.4, 0.1, 0.07, 0.04, 10)
-    assert (f["epochs"], f["lr"], f["mixup"], f["cutmix"], f["random_erasing"], f["autoaugment"]) == (
-        100, 1e-3, 0.8, 1.0, 0.25, True)
+    assert f["epochs"] == 100 and f["warmup_epochs"] == 10 and f["lr"] == 1e-3 and f["autoaugment"]
+    assert {k: f[k] for k in PAPER_RECIPE} == PAPER_RECIPE  # the supervised paper recipe, as the supervised method
     assert dino().random_init_baseline and not dino("finetune").random_init_baseline
     student = dino(evaluate_teacher=False)
     teacher = dino(evaluate_teacher=True)

@@ -27,7 +27,7 @@ from ..nn.dino import DINOHead, DINOLoss
 from ..nn.momentum import MomentumTeacher, cosine_momentum
 from ..nn.vit import DropPath
 from .base import DataInfo, Method
-from .supervised import Supervised, SupervisedConfig
+from .supervised import PAPER_RECIPE, Supervised, SupervisedConfig
 
 __all__ = ["DINO", "DINOConfig"]
 
@@ -97,18 +97,17 @@ class DINO(Method):
                           dict(lr=5e-4, warmup_epochs=3, weight_decay=0.04, grad_clip=3.0),
                           dict(lr=1e-3, warmup_epochs=3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0),
                           (20, 20))),
-        # docs/methods.md §5.1 (dino) and §5.2 (finetune, baseline; the supervised paper preset). Deliberate
-        # differences: the teacher runs without drop-path (the release keeps it on); batch 256 for dino (§5.1 gives
-        # none); min lr 1e-6 (DINO's default; §5.1 gives none); the weight decay skips biases, norms, the CLS token
-        # and the position embedding (DINO decays the last two); the evaluated / fine-tuned encoder is the teacher's
-        # (DINO's evaluation); the baseline trains 300 epochs, the budget of dino + finetune (the paper's scratch
-        # baseline, 100 epochs, is `--method supervised --preset paper`); the fine-tune differences of §5.3.
+        # docs/methods.md §5.1 (dino) and §5.2 (finetune, baseline: supervised.PAPER_RECIPE, the release's fine-tune,
+        # with its listed differences). Deliberate differences in the dino stage: the teacher runs without drop-path
+        # (the release keeps it on); batch 256 (§5.1 gives none); min lr 1e-6 (DINO's default; §5.1 gives none); the
+        # weight decay skips biases, norms, the CLS token and the position embedding (DINO decays the last two); the
+        # baseline trains 300 epochs, the budget of dino + finetune (the paper's 100-epoch scratch baseline is
+        # `--method supervised --preset paper`).
         "paper": dict(model="small_data", global_pool="token", drop_path=0.1,
                       stage_overrides=_stage_values(
                           dict(batch_size=256, base_lr=1e-4, min_lr=1e-6, warmup_epochs=30, weight_decay=0.04,
                                grad_clip=3.0),
-                          dict(batch_size=128, lr=1e-3, min_lr=1e-6, warmup_epochs=10, weight_decay=0.05,
-                               label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25, autoaugment=True),
+                          dict(PAPER_RECIPE, warmup_epochs=10),
                           (200, 100))),
     }
     stages = ("dino", "finetune", "baseline")
