@@ -32,9 +32,6 @@
 namespace vitfast {
 namespace {
 
-using cpu::exp_shifted;
-using cpu::gemm;
-
 // A logits tile is Tr x Tk = 256 x 512 (512 KB in fp32): it stays in L2 from the GEMM that makes it, through the
 // exp pass, to the GEMM that consumes it; 256 and 512 are sizes at which the BLAS kernels run near peak.
 constexpr int64_t kRowTile = 256;
@@ -71,11 +68,11 @@ inline __attribute__((always_inline)) void rows_pass(T* z, int64_t rows, int64_t
     T tile_sum = 0;
 #pragma omp simd reduction(+ : tile_sum)
     for (int64_t c = 0; c < cols; ++c) {
-      s[c] = exp_shifted<T>(s[c] - new_max);
+      s[c] = cpu::exp_shifted<T>(s[c] - new_max);
       tile_sum += s[c];
     }
     if (new_max != old_max && old_max != kNegInf<T>) {  // (before any finite logit, sum and out are still 0)
-      const T factor = exp_shifted<T>(old_max - new_max);
+      const T factor = cpu::exp_shifted<T>(old_max - new_max);
       sum[r] *= factor;
       T* __restrict o = out + r * width;
 #pragma omp simd
@@ -95,7 +92,7 @@ inline __attribute__((always_inline)) void columns_pass(T* z, int64_t rows, int6
     T* __restrict s = z + r * ld;
     const T shift = lse[r];
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) s[c] = exp_shifted<T>(s[c] + b[c] - shift);
+    for (int64_t c = 0; c < cols; ++c) s[c] = cpu::exp_shifted<T>(s[c] + b[c] - shift);
   }
 }
 
@@ -118,6 +115,12 @@ template <typename T>
 void columns_pass_any(T* z, int64_t rows, int64_t cols, int64_t ld, const T* bias, const T* lse) {
   if constexpr (std::is_same_v<T, float>) columns_pass_f32(z, rows, cols, ld, bias, lse);
   else columns_pass<T>(z, rows, cols, ld, bias, lse);
+}
+
+// z [rows, cols] (leading dimension kKeyTile) = scale x_tile k_tile^T: a tile of logits before the bias.
+template <typename T>
+void logits(bool blas, const T* x_tile, int64_t rows, const T* k_tile, int64_t cols, int64_t dim, double scale, T* z) {
+  cpu::gemm<T>(blas, false, true, rows, cols, dim, static_cast<T>(scale), x_tile, dim, k_tile, dim, T(0), z, kKeyTile);
 }
 
 // ---- inputs ------------------------------------------------------------------------------------------------------
@@ -177,12 +180,11 @@ std::tuple<at::Tensor, at::Tensor> rows_impl(const at::Tensor& x_in, const at::T
         const T* k_tile = cpu::widened(kp + col0 * n.dim, cols * n.dim, scratch.keys.data);
         const T* v_tile = shared ? k_tile : cpu::widened(vp + col0 * width, cols * width, scratch.values.data);
         T* z = scratch.z.data;
-        gemm<T>(blas, false, true, rows, cols, n.dim, static_cast<T>(scale), xp + row0 * n.dim, n.dim, k_tile, n.dim,
-                T(0), z, kKeyTile);
+        logits<T>(blas, xp + row0 * n.dim, rows, k_tile, cols, n.dim, scale, z);
         T* out_rows = part_out.data + at * width;
         rows_pass_any<T>(z, rows, cols, kKeyTile, bp + col0, part_max.data + at, part_sum.data + at, out_rows,
                          width);
-        gemm<T>(blas, false, false, rows, width, cols, T(1), z, kKeyTile, v_tile, width, T(1), out_rows, width);
+        cpu::gemm<T>(blas, false, false, rows, width, cols, T(1), z, kKeyTile, v_tile, width, T(1), out_rows, width);
       }
     }
   });
@@ -200,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> rows_impl(const at::Tensor& x_in, const at::T
         for (int64_t c = 0; c < grid.chunks; ++c) {
           const int64_t at = c * n.rows + r;
           if (part_max.data[at] == kNegInf<T>) continue;
-          const T factor = exp_shifted<T>(part_max.data[at] - max);
+          const T factor = cpu::exp_shifted<T>(part_max.data[at] - max);
           sum += part_sum.data[at] * factor;
           const T* __restrict part = part_out.data + at * width;
 #pragma omp simd
@@ -253,10 +255,9 @@ at::Tensor columns_impl(const at::Tensor& x_in, const at::Tensor& keys_in, const
       T* z = scratch.z.data;
       for (int64_t row0 = 0; row0 < n.rows; row0 += row_tiles.rows) {
         const int64_t rows = std::min(row_tiles.rows, n.rows - row0);
-        gemm<T>(blas, false, true, rows, cols, n.dim, static_cast<T>(scale), xp + row0 * n.dim, n.dim, k_tile, n.dim,
-                T(0), z, kKeyTile);
+        logits<T>(blas, xp + row0 * n.dim, rows, k_tile, cols, n.dim, scale, z);
         columns_pass_any<T>(z, rows, cols, kKeyTile, bp + col0, lse_p + row0);
-        gemm<T>(blas, true, false, cols, width, rows, T(1), z, kKeyTile, yp + row0 * width, width,
+        cpu::gemm<T>(blas, true, false, cols, width, rows, T(1), z, kKeyTile, yp + row0 * width, width,
                 row0 > 0 ? T(1) : T(0), out_p + col0 * width, width);
       }
     }
