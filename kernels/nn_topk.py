@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_DTYPE, aot_specs, input_precision, launch_device
+from .contrastive_loss import _chunked_scores, _load_rows  # the same row tiles and chunked dots
 
 _INT64_MIN = -(2 ** 63)
 _INT64_MAX = 2 ** 63 - 1
@@ -98,13 +99,6 @@ def k_class(K: int) -> str:
 # Kernel
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_rows(ptr, offs, n_rows, offs_d, D):
-    """Tile [len(offs), len(offs_d)] of a row-major [n_rows, D] matrix; 0 outside."""
-    mask = (offs < n_rows)[:, None] & (offs_d < D)[None, :]
-    return tl.load(ptr + offs.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
 def _rank_keys(s, offs_q):
     """int64 keys of similarities s [BB, BQ] (fp32) at queue rows offs_q [BQ]: greater key = better rank."""
     bits = s.to(tl.int32, bitcast=True)
@@ -150,11 +144,8 @@ def _nn_topk_kernel(
             queue = _load_rows(queue_ptr, offs_q, Q, tl.arange(0, BLOCK_D), D)
             s = tl.dot(queries, tl.trans(queue), input_precision=INPUT_PRECISION)
         else:
-            s = tl.zeros((BLOCK_B, BLOCK_Q), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                s = tl.dot(_load_rows(queries_ptr, offs_b, B, offs_d, D),
-                           tl.trans(_load_rows(queue_ptr, offs_q, Q, offs_d, D)), s, input_precision=INPUT_PRECISION)
+            s = _chunked_scores(queries_ptr, queue_ptr, offs_b, offs_q, B, Q, D, INPUT_PRECISION, BLOCK_B, BLOCK_Q,
+                                BLOCK_D)
         queue_id = tl.load(queue_ids_ptr + offs_q, mask=in_q, other=0)
         keys = _rank_keys(s, offs_q)
         eligible = in_q[None, :] & (queue_id[None, :] != query_id[:, None]) & (keys < ceiling[:, None])
