@@ -18,28 +18,35 @@ default: ``prototypes``, detached). With s_r = W_s x_r (student row r) and t_r =
     teacher_mean = mean over the Vt·B teacher rows of t_r    [K] (this rank's; the centre update averages over ranks)
 
 Kernel-level form: two streaming primitives over the K prototypes, each a softmax over K without storing it
-(the same structure as one head of attention: rows = queries, prototypes = keys / values):
+(the same structure as one head of attention: rows = queries, prototypes = keys / values). The weight norm is fused:
+the kernels read the raw prototypes v and a per-prototype scale (1 / ||v_k||), so no [K, d] W is ever built:
 
-    softmax_rows(x [R, d], keys [K, d], values [K, e], bias [K], scale) -> (lse [R], out [R, e])
-        lse_r = log sum_k exp(z_rk),  out_r = sum_k exp(z_rk - lse_r) · values_k,  z_rk = scale·<x_r, keys_k> + bias_k
-    softmax_columns(x [R, d], keys [K, d], bias [K], scale, lse [R], y [R, e]) -> out [K, e]
-        out_k = sum_r exp(z_rk - lse_r) · y_r        (the transpose product: attention's dV)
+    softmax_rows(x [R, d], keys [K, d], key_scale [K], values [K, e], value_scale [K], bias [K], scale)
+        -> (lse [R], out [R, e])
+        z_rk = scale · key_scale_k · <x_r, keys_k> + bias_k
+        lse_r = log sum_k exp(z_rk),  out_r = sum_k exp(z_rk - lse_r) · value_scale_k · values_k
+    softmax_columns(x [R, d], keys [K, d], key_scale [K], bias [K], scale, lse [R], y [R, e], out [K, e])
+        out_k += sum_r exp(z_rk - lse_r) · y_r        (in place; the transpose product: attention's dV)
 
-x, keys, values share the input dtype; bias, lse, y and every output are in the accumulation dtype (fp32; fp64 for fp64
-inputs) and every product is accumulated in it. The loss then needs only O((Vs + Vt)·B·d) work outside them:
+x, keys, values share the input dtype; key_scale, value_scale, bias, lse, y, out and every output are in the
+accumulation dtype (fp32; fp64 for fp64 inputs) and every product is accumulated in it. With s = 1 / ||v_s|| and
+t = 1 / ||v_t|| (row norms, [K]), the loss needs only O((Vs + Vt)·B·d) work outside the primitives:
 
-    teacher:  (lse_t, u) = softmax_rows(y, W_t, W_s, -centre / teacher_temp, 1 / teacher_temp)    u_r = sum_k q_rk W_s,k
-    student:  (lse_s, P) = softmax_rows(x, W_s, W_s, 0, 1 / student_temp)                           P_r = sum_k p_rk W_s,k
+    teacher:  (lse_t, u) = softmax_rows(y, v_t, t, v_s, s, -centre / teacher_temp, 1 / teacher_temp)  u_r = sum_k q_rk W_s,k
+    student:  (lse_s, P) = softmax_rows(x, v_s, s, v_s, s, 0, 1 / student_temp)                         P_r = sum_k p_rk W_s,k
     U_v = sum_{j < Vt, j != v} u_j   (per image),   m_v = #{j < Vt : j != v}
     loss = c · sum_r (m_v(r) · lse_s,r - <x_r, U_v(r)> / student_temp),   c = 1 / (Vt·(Vs - 1)·B)
+    teacher_mean = t ⊙ (v_t · mean of the teacher rows)
 
-    backward (g = the incoming gradient):
-    d x_r = g·c / student_temp · (m_v(r) · P_r - U_v(r))
-    d W_s = g·c / student_temp · (softmax_columns(x, W_s, 0, 1 / student_temp, lse_s, m ⊙ x)
-                                  - softmax_columns(y, W_t, -centre / teacher_temp, 1 / teacher_temp, lse_t, R)),
-            R_j,b = sum_{v != j} x_v,b  (the student rows each teacher row is paired with)
+    backward (g = the incoming gradient, f = g·c / student_temp):
+    d x_r = f · (m_v(r) · P_r - U_v(r))
+    G = 0;  softmax_columns(x, v_s, s, 0, 1 / student_temp, lse_s, f · m ⊙ x, G)
+            softmax_columns(y, v_t, t, -centre / teacher_temp, 1 / teacher_temp, lse_t, -f · R, G)
+            R_j,b = sum_{v != j} x_v,b  (the student rows each teacher row is paired with);  G = dL/dW_s
+    d v_s,k = s_k · (G_k - s_k² <G_k, v_s,k> v_s,k)   (the weight norm's backward, in place on G: G is the gradient)
 
-Memory: O((Vs + Vt)·B·d + K·d); no backend stores an [R, K] block beyond one tile (the reference does: it is the spec).
+Memory: O((Vs + Vt)·B·d + K) besides the [K, d] gradient itself; no backend stores an [R, K] block beyond one tile
+(the reference does: it is the spec).
 
 Backends: ``triton`` (vitfast.kernels.dino_loss; CUDA, or CPU under TRITON_INTERPRET=1), ``cpu`` (vitfast._C:
 dino_softmax_rows / dino_softmax_columns) and ``torch`` (the reference primitives below).
@@ -82,21 +89,22 @@ def dino_loss_reference(student: Tensor, teacher: Tensor, prototypes: Tensor, ce
 
 # ---- the kernel-level primitives: the torch backend ----
 
-def _logits(x, keys, bias, scale):
+def _logits(x, keys, key_scale, bias, scale):
     dtype = bias.dtype
-    return (x.to(dtype) @ keys.to(dtype).T) * scale + bias[None, :]
+    return (x.to(dtype) @ keys.to(dtype).T) * (scale * key_scale[None, :]) + bias[None, :]
 
 
-def _reference_softmax_rows(x: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float
-                            ) -> Tuple[Tensor, Tensor]:
-    z = _logits(x, keys, bias, scale)
+def _reference_softmax_rows(x: Tensor, keys: Tensor, key_scale: Tensor, values: Tensor, value_scale: Tensor,
+                            bias: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    z = _logits(x, keys, key_scale, bias, scale)
     lse = torch.logsumexp(z, dim=1)
-    return lse, torch.exp(z - lse[:, None]) @ values.to(z.dtype)
+    return lse, (torch.exp(z - lse[:, None]) * value_scale[None, :]) @ values.to(z.dtype)
 
 
-def _reference_softmax_columns(x: Tensor, keys: Tensor, bias: Tensor, scale: float, lse: Tensor, y: Tensor) -> Tensor:
-    z = _logits(x, keys, bias, scale)
-    return torch.exp(z - lse[:, None]).T @ y
+def _reference_softmax_columns(x: Tensor, keys: Tensor, key_scale: Tensor, bias: Tensor, scale: float, lse: Tensor,
+                               y: Tensor, out: Tensor) -> None:
+    z = _logits(x, keys, key_scale, bias, scale)
+    out.add_(torch.exp(z - lse[:, None]).T @ y)
 
 
 BACKENDS = declare_backends(
@@ -111,29 +119,24 @@ BACKENDS = declare_backends(
 # ---- torch.library registration of the primitives: torch.compile and opcheck see through them ----
 
 @torch.library.custom_op("vitfast::dino_softmax_rows", mutates_args=())
-def softmax_rows(x: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float, backend: str
-                 ) -> Tuple[Tensor, Tensor]:
+def softmax_rows(x: Tensor, keys: Tensor, key_scale: Tensor, values: Tensor, value_scale: Tensor, bias: Tensor,
+                 scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     """(lse [R], out [R, e]) in the accumulation dtype: see the module doc."""
     with torch.autocast(x.device.type, enabled=False):
-        return tuple(BACKENDS(backend).forward(x, keys, values, bias, scale))
+        return tuple(BACKENDS(backend).forward(x, keys, key_scale, values, value_scale, bias, scale))
 
 
 @softmax_rows.register_fake
-def _(x, keys, values, bias, scale, backend):
+def _(x, keys, key_scale, values, value_scale, bias, scale, backend):
     return x.new_empty(x.shape[:1], dtype=bias.dtype), x.new_empty((x.shape[0], values.shape[1]), dtype=bias.dtype)
 
 
-@torch.library.custom_op("vitfast::dino_softmax_columns", mutates_args=())
-def softmax_columns(x: Tensor, keys: Tensor, bias: Tensor, scale: float, lse: Tensor, y: Tensor, backend: str
-                    ) -> Tensor:
-    """out [K, e] in the accumulation dtype: see the module doc."""
+@torch.library.custom_op("vitfast::dino_softmax_columns", mutates_args=("out",))
+def softmax_columns(x: Tensor, keys: Tensor, key_scale: Tensor, bias: Tensor, scale: float, lse: Tensor, y: Tensor,
+                    out: Tensor, backend: str) -> None:
+    """out [K, e] += the transpose product, in the accumulation dtype: see the module doc."""
     with torch.autocast(x.device.type, enabled=False):
-        return BACKENDS(backend).backward(x, keys, bias, scale, lse, y)
-
-
-@softmax_columns.register_fake
-def _(x, keys, bias, scale, lse, y, backend):
-    return y.new_empty((keys.shape[0], y.shape[1]))
+        BACKENDS(backend).backward(x, keys, key_scale, bias, scale, lse, y, out)
 
 
 # ---- the loss from the primitives, with its own backward ----
@@ -142,17 +145,33 @@ def _per_view(rows: Tensor, views: int) -> Tensor:
     return rows.view(views, rows.shape[0] // views, *rows.shape[1:])
 
 
+CHUNK = 4096  # prototype rows per step of the O(K·d) glue below: 16-bit rows are widened a chunk at a time
+
+
+def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """<a_k, b_k> for every row [K] in ``dtype``, without a full-size product or copy."""
+    return torch.cat([torch.bmm(ac.to(dtype).unsqueeze(1), bc.to(dtype).unsqueeze(2)).view(-1)
+                      for ac, bc in zip(a.split(CHUNK), b.split(CHUNK))])
+
+
+def _inverse_norms(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 / max(||v_k||, 1e-12) per row [K] (F.normalize's eps): the fused weight norm's scale."""
+    return _row_dots(v, v, dtype).sqrt().clamp_min(1e-12).reciprocal()
+
+
 class _DINOLoss(torch.autograd.Function):
-    """Inputs: x [Vs·B, d], y [Vt·B, d], w_s [K, d] and w_t [K, d] (unit rows), centre [K] (accumulation dtype).
-    Gradients: x and w_s."""
+    """Inputs: x [Vs·B, d], y [Vt·B, d], v_s [K, d] and v_t [K, d] (raw prototypes), centre [K] (accumulation dtype).
+    Gradients: x and v_s (through the fused weight norm)."""
 
     @staticmethod
-    def forward(ctx, x, y, w_s, w_t, centre, n_student, n_teacher, student_temp, teacher_temp, backend):
+    def forward(ctx, x, y, v_s, v_t, centre, n_student, n_teacher, student_temp, teacher_temp, backend):
         dtype = centre.dtype
+        s_scale = _inverse_norms(v_s, dtype)
+        t_scale = _inverse_norms(v_t, dtype)
         teacher_bias = -centre / teacher_temp
         student_bias = torch.zeros_like(centre)
-        lse_t, u = softmax_rows(y, w_t, w_s, teacher_bias, 1.0 / teacher_temp, backend)
-        lse_s, p = softmax_rows(x, w_s, w_s, student_bias, 1.0 / student_temp, backend)
+        lse_t, u = softmax_rows(y, v_t, t_scale, v_s, s_scale, teacher_bias, 1.0 / teacher_temp, backend)
+        lse_s, p = softmax_rows(x, v_s, s_scale, v_s, s_scale, student_bias, 1.0 / student_temp, backend)
         u_views = _per_view(u, n_teacher)                                   # [Vt, B, d]
         others = u_views.sum(0, keepdim=True).expand(n_student, -1, -1).clone()
         others[:n_teacher] -= u_views                                      # U_v: the teachers paired with view v
@@ -163,34 +182,39 @@ class _DINOLoss(torch.autograd.Function):
         xs = _per_view(x.to(dtype), n_student)
         loss = c * ((pairs[:, None] * _per_view(lse_s, n_student)).sum()
                     - (xs * others).sum() / student_temp)
-        ctx.save_for_backward(x, y, w_s, w_t, teacher_bias, student_bias, lse_t, lse_s, p, others, pairs)
+        mean_row = y.to(dtype).mean(0)
+        teacher_mean = torch.cat([chunk.to(dtype) @ mean_row for chunk in v_t.split(CHUNK)]) * t_scale  # linear in t_r
+        ctx.save_for_backward(x, y, v_s, v_t, s_scale, t_scale, teacher_bias, student_bias, lse_t, lse_s, p, others,
+                              pairs)
         ctx.constants = (n_student, n_teacher, student_temp, teacher_temp, c, backend)
-        return loss
+        ctx.mark_non_differentiable(teacher_mean)
+        return loss, teacher_mean
 
     @staticmethod
-    def backward(ctx, grad):
-        x, y, w_s, w_t, teacher_bias, student_bias, lse_t, lse_s, p, others, pairs = ctx.saved_tensors
+    def backward(ctx, grad, unused_grad_mean):
+        x, y, v_s, v_t, s_scale, t_scale, teacher_bias, student_bias, lse_t, lse_s, p, others, pairs = \
+            ctx.saved_tensors
         n_student, n_teacher, student_temp, teacher_temp, c, backend = ctx.constants
         factor = grad.to(p.dtype) * (c / student_temp)
-        d_x = d_w = None
+        d_x = d_v = None
         if ctx.needs_input_grad[0]:
             d_x = (factor * (pairs[:, None, None] * _per_view(p, n_student) - others)).reshape(p.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:
             xs = _per_view(x.to(p.dtype), n_student)
-            weighted = (pairs[:, None, None] * xs).reshape(p.shape)                            # m ⊙ x
-            paired = (xs.sum(0, keepdim=True) - xs[:n_teacher]).reshape(y.shape[0], -1)   # R_j = sum_{v != j} x_v
-            d_w = (softmax_columns(x, w_s, student_bias, 1.0 / student_temp, lse_s, weighted, backend)
-                   - softmax_columns(y, w_t, teacher_bias, 1.0 / teacher_temp, lse_t, paired, backend))
-            d_w = (factor * d_w).to(w_s.dtype)
-        return d_x, None, d_w, None, None, None, None, None, None, None
+            weighted = (factor * pairs[:, None, None] * xs).reshape(p.shape)                          # f · m ⊙ x
+            paired = (-factor * (xs.sum(0, keepdim=True) - xs[:n_teacher])).reshape(y.shape[0], -1)  # -f · R
+            g = torch.zeros(v_s.shape, dtype=p.dtype, device=v_s.device)  # dL/dW_s, then dL/dv_s in place
+            softmax_columns(x, v_s, s_scale, student_bias, 1.0 / student_temp, lse_s, weighted, g, backend)
+            softmax_columns(y, v_t, t_scale, teacher_bias, 1.0 / teacher_temp, lse_t, paired, g, backend)
+            # The weight norm's backward, row by row and in place: g_k <- s_k (g_k - s_k^2 <g_k, v_k> v_k).
+            along = _row_dots(g, v_s, g.dtype)
+            g.addcmul_(v_s, (along * s_scale * s_scale)[:, None], value=-1.0)
+            g.mul_(s_scale[:, None])
+            d_v = g.to(v_s.dtype)
+        return d_x, None, d_v, None, None, None, None, None, None, None
 
 
 # ---- public function ----
-
-def _unit_rows(v: Tensor) -> Tensor:
-    """The weight-normalised rows v / ||v|| in v's dtype, formed in the accumulation dtype (differentiable)."""
-    return F.normalize(v.to(accumulation_dtype(v.dtype)), dim=1).to(v.dtype)
-
 
 def _positive_number(check: Checker, name: str, value) -> float:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
@@ -240,14 +264,12 @@ def dino_loss(student: Tensor, teacher: Tensor, prototypes: Tensor, centre: Tens
         teacher_prototypes = teacher_prototypes.to(dtype) if teacher_prototypes is not None else None
     check.same_dtype("student", student, teacher=teacher, prototypes=prototypes, teacher_prototypes=teacher_prototypes)
 
-    w_s = _unit_rows(prototypes)
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # teacher_mean in the accumulation dtype
-        w_t = w_s.detach() if teacher_prototypes is None else _unit_rows(teacher_prototypes)
-        teacher = teacher.detach()
-        dtype = accumulation_dtype(student.dtype)
-        teacher_mean = teacher.to(dtype).mean(0) @ w_t.to(dtype).T         # linear: the mean of t_r, O(K·d)
+    dtype = accumulation_dtype(student.dtype)
+    prototypes = prototypes.contiguous()
+    teacher_prototypes = prototypes.detach() if teacher_prototypes is None else teacher_prototypes.detach().contiguous()
     chosen = BACKENDS.select(device, student.dtype, backend)
-    loss = _DINOLoss.apply(student.contiguous(), teacher.contiguous(), w_s.contiguous(), w_t.contiguous(),
-                           centre.detach().to(dtype).contiguous(), n_student_views, n_teacher_views, student_temp,
-                           teacher_temp, chosen)
+    with torch.autocast(device.type, enabled=False):  # the glue in the accumulation dtype (inputs cast above)
+        loss, teacher_mean = _DINOLoss.apply(student.contiguous(), teacher.detach().contiguous(), prototypes,
+                                             teacher_prototypes, centre.detach().to(dtype).contiguous(),
+                                             n_student_views, n_teacher_views, student_temp, teacher_temp, chosen)
     return loss, teacher_mean
