@@ -4,13 +4,13 @@
     python benchmarks/run.py --ops relation_loss --rounds 5   # one op, fewer rounds
     python benchmarks/run.py --mae-step                       # also one full MAE training step (benchmarks/mae_step.py)
     python benchmarks/run.py --dtypes fp32,bf16 --note "..."  # other dtypes; a note stored with every row
-    python benchmarks/run.py --ops dino_loss,nn_topk          # issue 11's streaming ops (benchmarks/streaming_ops.py)
+    python benchmarks/run.py --ops dino_loss,nn_topk          # the DINO loss and the feature-queue lookup
 
 Rows per (op, shape, dtype): ``vitfast-<backend>`` for every fused backend that runs here (``cpu`` on a CPU-only
 machine; ``triton`` and ``cuda`` on a GPU), ``eager reference`` (the op's plain-PyTorch spec, what users write
 today) and ``torch.compile(reference)``. The shapes and inputs are those of ``vitfast/gpu_check/cases.py``
-("bench ..." shapes); a step is forward + backward with the gradients a training step needs. dino_loss and
-nn_topk have their cases, shapes and comparisons in ``benchmarks/streaming_ops.py`` (nn_topk: a lookup, no backward).
+("bench ..." shapes); a step is forward + backward with the gradients a training step needs (nn_topk, a lookup:
+forward only, its rows named in ``benchmarks/nn_topk_bench.py``: the public lookup vs matmul + masked_fill + topk).
 
 Time: CUDA events on a GPU, perf_counter on the CPU (``vitfast/gpu_check/measure.py``); min and median over the
 rounds after warm-up. Memory: peak during one step above the step's floor (its inputs and their gradients, which
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from vitfast.gpu_check import checks  # noqa: E402
 from vitfast.gpu_check.cases import CASES  # noqa: E402
-from streaming_ops import BENCH_CASES, time_rows  # noqa: E402  (benchmarks/: the script's folder)
+from nn_topk_bench import BENCH_CASES, LABELS  # noqa: E402  (benchmarks/: the script's folder)
 
 # Rounds per op on the CPU (one step there takes 3 ms to 1 s); on a GPU every op gets GPU_ROUNDS.
 CPU_ROUNDS = {"masked_patch_embed": 30, "masked_pixel_loss": 50, "relation_loss": 8, "relation_mlp_loss": 5,
@@ -135,10 +135,9 @@ def write(rows: list, out: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ops", default=",".join([*CASES, *(op for op in BENCH_CASES if op not in CASES)]),
-                        help="comma-separated ops")
-    parser.add_argument("--shapes", default="bench", help='shapes whose name starts with this ("smoke": tiny ones '
-                        "of dino_loss and nn_topk, to check the code path)")
+    parser.add_argument("--ops", default=",".join(CASES), help="comma-separated ops")
+    parser.add_argument("--shapes", default="bench", help='the shapes whose name starts with this ("ragged": '
+                        "gpu_check's small ones, to check the harness)")
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, tf32, fp16, bf16")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per implementation (default per op)")
     parser.add_argument("--mae-step", action="store_true", help="also time one full MAE training step")
@@ -155,10 +154,10 @@ def main(argv=None) -> int:
         for shape in (s for s in case.shapes if s.startswith(args.shapes)):
             for dtype in args.dtypes.split(","):
                 rounds = args.rounds or (GPU_ROUNDS if device.type == "cuda" else CPU_ROUNDS[op])
+                group = checks.time_case(case, shape, dtype, device, rounds, args.compile_backend)
                 if op in BENCH_CASES:
-                    group = time_rows(op, shape, dtype, device, rounds, args.compile_backend)
-                else:
-                    group = checks.time_case(case, shape, dtype, device, rounds, args.compile_backend)
+                    for row in group:
+                        row["implementation"] = LABELS.get(row["implementation"], row["implementation"])
                 print(markdown(finish(group, device, args.note)), flush=True)
                 rows += group
     if args.mae_step:
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
     rows = finish(rows, device, args.note)
     out = args.out or os.path.join(HERE, "results", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{device.type}")
     write(rows, out)
-    print(markdown([r for r in rows if not r["op"].startswith((*CASES, *BENCH_CASES))]))  # MAE step and GEMM rows
+    print(markdown([r for r in rows if not r["op"].startswith(tuple(CASES))]))  # the MAE step and GEMM rows
     print(f"\nmachine: {machine(device)}, torch threads {torch.get_num_threads()}; rows in {out}.csv and {out}.json")
     return 0
 

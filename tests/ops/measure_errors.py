@@ -2,6 +2,7 @@
 
     python tests/ops/measure_errors.py                       # every op test (minutes: Triton runs interpreted)
     python tests/ops/measure_errors.py -k "cpu or torch"     # extra arguments go to pytest
+    python tests/ops/measure_errors.py --ops dino_loss,nn_topk  # those ops' test files only, and only their rows
 
 The op tests run with VITFAST_MEASURE_ERRORS set: assert_close then records the normwise error
 max|actual - expected| / max|expected| of every comparison (against the float64 reference) instead of checking it.
@@ -28,11 +29,22 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
 SHORT = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def run_tests(pytest_args):
-    """Runs the op tests in measuring mode; returns the recorded rows."""
+def test_files(ops):
+    """tests/ops/test_<op>.py and test_<op>_*.py of each op (all of tests/ops without ops)."""
+    if not ops:
+        return [HERE]
+    unknown = [op for op in ops if op not in conftest.OPS]
+    if unknown:
+        raise SystemExit(f"--ops: unknown op(s) {unknown}; known: {', '.join(conftest.OPS)}")
+    names = sorted(os.listdir(HERE))
+    return [os.path.join(HERE, n) for n in names if n.endswith(".py") and conftest.op_of_module(n[:-3]) in ops]
+
+
+def run_tests(pytest_args, ops=()):
+    """Runs the op tests (of ``ops``; all without) in measuring mode; returns the recorded rows."""
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as log:
         env = dict(os.environ, **{conftest.MEASURE_ENV: log.name})
-        command = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", *pytest_args]
+        command = [sys.executable, "-m", "pytest", *test_files(ops), "-q", "-p", "no:cacheprovider", *pytest_args]
         print("$", " ".join(command), file=sys.stderr)
         # pytest's report to stderr: stdout carries the table only.
         result = subprocess.run(command, env=env, cwd=os.path.dirname(os.path.dirname(HERE)), stdout=sys.stderr)
@@ -52,10 +64,26 @@ def largest_errors(rows):
     return worst
 
 
+def split_ops(argv):
+    """(ops, the rest for pytest) from ``--ops a,b`` / ``--ops=a,b`` anywhere in argv."""
+    ops, rest, args = [], [], iter(argv)
+    for arg in args:
+        if arg == "--ops" or arg.startswith("--ops="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            ops += [op for op in value.split(",") if op]
+        else:
+            rest.append(arg)
+    return ops, rest
+
+
 def main(argv):
-    worst = largest_errors(run_tests(argv))
+    ops, pytest_args = split_ops(argv)
+    worst = largest_errors(run_tests(pytest_args, ops))
+    if ops:  # only the rows of these ops (the other ops' tests did not run)
+        worst = {key: value for key, value in worst.items() if key[0] in ops}
     print("# (op, backend, dtype, kind): (band, measured) proposed from this run; '#' notes compare with the table")
-    table = {(op, backend, str(dtype).replace("torch.", ""), kind) for op, backend, dtype, kind in conftest.TOLERANCES}
+    table = {(op, backend, str(dtype).replace("torch.", ""), kind) for op, backend, dtype, kind in conftest.TOLERANCES
+             if not ops or op in ops}
     order = lambda k: (k[0], conftest.BACKENDS.index(k[1]), list(DTYPES).index(k[2]), k[3])
     keys = sorted(set(worst) | table, key=order)
     for op, backend, dtype_name, kind in keys:
