@@ -88,7 +88,8 @@ class DINO(Method):
         # drifted to the uniform solution after ~100 steps with lr >= 5e-4 and a teacher temperature warming up to
         # 0.07 (k-NN of the student ~55 %, of the lagging EMA teacher ~49 %, random init 46.5 %); lr 2e-4 learned less
         # (51 %). Hence: lr 5e-4, teacher temperature 0.04 throughout, momentum 0.996, and the student evaluated
-        # (in a few hundred steps the EMA teacher has not caught up).
+        # (in a few hundred steps the EMA teacher has not caught up). This stage alone, measured under load: k-NN
+        # 53.5 / 59.6 / 61.0 / 63.0 % after epochs 5 / 10 / 15 / 20 (random init 46.5 %), the loss still near log K.
         "quick": dict(model="tiny", embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, patch_size=8, batch_size=64,
                       global_pool="avg", flip=False, head_hidden_dim=256, bottleneck_dim=64, n_prototypes=256,
                       teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
