@@ -135,7 +135,8 @@ def primitive_inputs(rows, protos, dim, width, dtype, seed=1):
     return x, keys, values, *(t.to(accumulation) for t in (key_scale, value_scale, bias, lse, y, out))
 
 
-@pytest.mark.parametrize("shape", [(7, 37, 17, 17), (5, 70, 24, 9), (33, 300, 130, 130)], ids=lambda s: "R%dK%dd%de%d" % s)
+@pytest.mark.parametrize("shape", [(7, 37, 17, 17), (5, 70, 24, 9), (33, 300, 130, 130)],
+                         ids=lambda s: "R%dK%dd%de%d" % s)
 @pytest.mark.parametrize("backend,dtype", backend_cases(), ids=ids)
 def test_primitives_match_definition(backend, dtype, shape, assert_close):
     """softmax_rows and softmax_columns with values of another width than the keys, key and value scales (the fused
