@@ -5,7 +5,8 @@ weight-normalised nn.Linear head; gradcheck, opcheck, torch.compile, autocast an
 
 Backends join by themselves: a case runs where ``BACKENDS.runs_on`` says the backend runs here and (triton) its
 kernel module imports; otherwise it is skipped with the reason. Under the Triton interpreter (no GPU) the triton
-backend gets the small cases only. Cost on 2 loaded cores (torch backend only): about 15 s, 7 s of it torch.compile.
+backend gets the small cases only. Cost on 2 loaded cores: ~30 s with torch and cpu (13 s of it torch.compile, 4 s
+opcheck), ~20 s more for triton under the interpreter.
 """
 import importlib
 import math

@@ -5,7 +5,8 @@ opcheck, autocast, random calls (hypothesis) and argument errors.
 
 Backends join by themselves: a case runs where ``BACKENDS.runs_on`` says the backend runs here and (triton) its
 kernel module imports; otherwise it is skipped with the reason. Under the Triton interpreter (no GPU) the triton
-backend gets two small cases in every dtype and fp32 elsewhere. Cost on 2 loaded cores (torch backend only): about 10 s.
+backend gets two small cases in every dtype and fp32 elsewhere. Cost on 2 loaded cores: ~27 s with torch, cpu and
+triton under the interpreter.
 
 Indices are compared exactly where the reference's similarity at that rank is clear of its neighbours (by more than
 twice the largest value error seen plus a rounding floor); inside a near-tie the returned entry must have the
