@@ -52,7 +52,9 @@ _LOW_MASK_C = tl.constexpr(_LOW_MASK)
 # K classes: KP = 32 (k <= 32: MAE-CT's k = 20, NNCLR's k = 1) and KP = 128 (33..128, and the rounds of a larger k);
 # BLOCK_Q >= KP (tl.topk of a tile to KP). D classes as in contrastive_loss: the widest row of the class; fp16 /
 # bf16 rows up to 256 are one chunk (ONE_CHUNK), wider rows and fp32 (twice the registers per element) are summed
-# over BLOCK_D chunks. The running keys are BLOCK_B x KP int64 in registers: KP = 128 halves BLOCK_B.
+# over BLOCK_D chunks. The running keys and a tile's keys are int64 in registers (with the bitonic merge's
+# temporaries): 64 query rows spilled at 255 registers on sm_80 for KP = 128 (40-264 B) and for chunked 16-bit
+# (48 B), and 32 fp32 rows on sm_90a (IEEE, 104 B); hence 16 rows for KP = 128 and fp32, 32 for chunked 16-bit.
 # ---------------------------------------------------------------------------------------------------
 K_CLASSES = {"k32": 32, "k128": 128}
 D_CLASSES = {"d128": 128, "d256": 256, "chunked": None}
@@ -65,15 +67,14 @@ def _per_dtype(half: dict, fp32: dict) -> dict:
 def _table() -> dict:
     table = {}
     for kclass, kp in K_CLASSES.items():
-        block_b, block_q = (64, 64) if kp == 32 else (32, 128)
-        fp32 = dict(BLOCK_B=block_b // 2, BLOCK_Q=block_q, BLOCK_D=32, KP=kp, ONE_CHUNK=False, num_warps=8,
-                    num_stages=1)
+        block_b, block_q = (64, 64) if kp == 32 else (16, 128)
+        fp32 = dict(BLOCK_B=16, BLOCK_Q=block_q, BLOCK_D=32, KP=kp, ONE_CHUNK=False, num_warps=8, num_stages=1)
         table[kclass] = {
             "d128": _per_dtype(dict(BLOCK_B=block_b, BLOCK_Q=block_q, BLOCK_D=128, KP=kp, ONE_CHUNK=True,
                                     num_warps=4 if kp == 32 else 8, num_stages=2), fp32),
             "d256": _per_dtype(dict(BLOCK_B=block_b, BLOCK_Q=block_q, BLOCK_D=256, KP=kp, ONE_CHUNK=True,
                                     num_warps=8, num_stages=2 if kp == 32 else 1), fp32),
-            "chunked": _per_dtype(dict(BLOCK_B=block_b, BLOCK_Q=block_q, BLOCK_D=64, KP=kp, ONE_CHUNK=False,
+            "chunked": _per_dtype(dict(BLOCK_B=min(block_b, 32), BLOCK_Q=block_q, BLOCK_D=64, KP=kp, ONE_CHUNK=False,
                                        num_warps=8, num_stages=1), fp32),
         }
     return table
