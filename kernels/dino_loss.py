@@ -1,20 +1,24 @@
 """Triton kernels for ``dino_loss``: the two streaming softmax primitives over the K prototypes (one head of attention).
 
 Kernel-level form (vitfast/ops/dino_loss.py is the contract): x [R, d], keys [K, d], values [K, e] in one dtype,
-bias [K] fp32, z_rk = scale * <x_r, keys_k> + bias_k:
+key_scale, value_scale, bias [K] fp32 (the scales: the fused weight norm, 1 / ||v_k||),
+z_rk = scale * key_scale_k * <x_r, keys_k> + bias_k:
 
-    softmax_rows(x, keys, values, bias, scale) -> (lse [R], out [R, e])    flash-attention forward
-        lse_r = log sum_k exp(z_rk),  out_r = sum_k exp(z_rk - lse_r) values_k
-    softmax_columns(x, keys, bias, scale, lse, y [R, e] fp32) -> out [K, e]    (dV): out_k = sum_r exp(z_rk - lse_r) y_r
+    softmax_rows(x, keys, key_scale, values, value_scale, bias, scale) -> (lse [R], out [R, e])    flash-attention fwd
+        lse_r = log sum_k exp(z_rk),  out_r = sum_k exp(z_rk - lse_r) value_scale_k values_k
+    softmax_columns(x, keys, key_scale, bias, scale, lse, y [R, e] fp32, out [K, e] fp32) -> None    (dV), in place:
+        out_k += sum_r exp(z_rk - lse_r) y_r
 
 Kernels (1-D grids, the long dimension on axis 0; offsets that scale with R, K, d or e in int64; outputs fp32):
 
     _rows_kernel      program per (row tile, e chunk, K split); a loop over the split's K tiles: z by tl.dot (fp32
-                      accumulation), online base-2 softmax (running max m, sum l), acc += p @ values by tl.dot. One
+                      accumulation) times key_scale per column, online base-2 softmax (running max m, sum l),
+                      acc += (p * value_scale per column) @ values by tl.dot. One
                       split: writes lse and out. Several (SPLIT): writes the split's (m, l) and unnormalised acc.
     _combine_kernel   SPLIT only: merges the splits' (m, l, acc) in split order into lse and out.
     _columns_kernel   program per (K tile, e chunk); a loop over the row tiles recomputes z (transposed: [K, R])
-                      from the saved lse and accumulates exp(z - lse) @ y in registers. No atomics.
+                      from the saved lse and accumulates exp(z - lse) @ y in registers; then loads its own tile of
+                      out, adds and stores it (each tile has one owner: no atomics, no [K, e] buffer).
 
 Splits: the rows are few (DINO: R = 10 * 64 student rows) and K is long (65536), so a row tile alone gives ~10
 programs. The K axis is cut into splits of whole tiles until about TARGET_PROGRAMS programs run (a constant, not the
@@ -26,9 +30,10 @@ is loaded once per program and e is one chunk. Wider rows, and fp32 (whose dots 
 BLOCK_D chunks and cut e into BLOCK_E chunks, one program each (recomputing z per chunk). d, e, R, K need not be
 powers of two. Dots take the input dtype: fp16 / bf16 on tensor cores, fp32 as TF32 unless
 ``torch.get_float32_matmul_precision() == "highest"`` (IEEE). The probabilities (and, in softmax_columns, y) enter the
-second dot in the input dtype, as in flash attention: p is scaled by 2^8 first (p <= 1; this keeps fp16's
-subnormals away from p down to 2^-22) and the fp32 accumulator takes the factor back exactly. float64 is not taken
-(the op's declaration sends it to the reference).
+second dot in the input dtype, as in flash attention: p (rows: p * value_scale) is scaled by 2^8 first (p <= 1; this
+keeps fp16's subnormals away from p down to 2^-22) and the fp32 accumulator takes the factor back exactly. In fp16
+this needs value_scale < 255 (prototype norms above 1/255; DINO's are near 1). float64 is not taken (the op's
+declaration sends it to the reference).
 """
 import dataclasses
 
@@ -51,7 +56,8 @@ _INV_P_SCALE_C = tl.constexpr(1.0 / 256.0)
 # vitfast.compile_check compiles every entry for sm_80 and sm_90a: 0 spills, mma / wgmma).
 # Width classes by max(d, e): d64, d128, d256; "chunked" above 256. ONE_CHUNK: BLOCK_D = BLOCK_E = the class width,
 # the row tile held in registers for the whole loop (fp16 / bf16). fp32: small tiles, z summed over 32-wide d chunks,
-# 64-wide e chunks (columns: 16 and 32; d 32 / e 64 and d 16 / e 64 spilled 4-32 B on sm_80). DINO's benchmark
+# 64-wide e chunks, 8 warps (columns: 16 and 32; d 32 / e 64 and d 16 / e 64 spilled 4-32 B on sm_80; with the key /
+# value scales the rows' IEEE entry spilled 4 B on sm_80 at 4 warps: 8 warps, 80 registers). DINO's benchmark
 # (R = 640 student / 128 teacher rows, K = 65536, d = e = 256): 16-bit row tiles of 64 rows (no idle rows), K tiles
 # of 32 (rows) / 64 (columns: 1024 programs).
 # ---------------------------------------------------------------------------------------------------
@@ -68,7 +74,7 @@ def _half(block_d, **cfg):
     return dict(cfg, BLOCK_D=block_d, BLOCK_E=block_d, ONE_CHUNK=True)
 
 
-_ROWS32 = dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=32, BLOCK_E=64, ONE_CHUNK=False, num_warps=4, num_stages=1)
+_ROWS32 = dict(BLOCK_R=32, BLOCK_K=32, BLOCK_D=32, BLOCK_E=64, ONE_CHUNK=False, num_warps=8, num_stages=1)
 ROWS_CONFIG = {
     "d64": _per_dtype(_half(64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=2), _ROWS32),
     "d128": _per_dtype(_half(128, BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=2), _ROWS32),
@@ -145,7 +151,8 @@ def _dots(a_ptr, b_ptr, a0, b0, n_a, n_b, D, INPUT_PRECISION: tl.constexpr, BLOC
 
 @triton.jit
 def _rows_kernel(
-    x_ptr, keys_ptr, values_ptr, bias_ptr, stats_ptr, out_ptr, R, K, D, E, k_tiles_per_split, scale_log2,
+    x_ptr, keys_ptr, key_scale_ptr, values_ptr, value_scale_ptr, bias_ptr, stats_ptr, out_ptr, R, K, D, E,
+    k_tiles_per_split, scale_log2,
     SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
@@ -175,15 +182,19 @@ def _rows_kernel(
                        input_precision=INPUT_PRECISION)
         else:
             z = _dots(x_ptr, keys_ptr, row0, k0, R, K, D, INPUT_PRECISION, BLOCK_R, BLOCK_K, BLOCK_D)
+        column_scale = tl.load(key_scale_ptr + offs_k, mask=in_k, other=0.0) * scale_log2
         bias = tl.load(bias_ptr + offs_k, mask=in_k, other=0.0)
-        s = tl.where(in_k[None, :], z * scale_log2 + bias[None, :] * _LOG2E_C, float("-inf"))
+        s = tl.where(in_k[None, :], z * column_scale[None, :] + bias[None, :] * _LOG2E_C, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose z are all -inf so far: no NaN
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         values = _tile(values_ptr, k0, K, offs_e, E, BLOCK_K)
-        acc = tl.dot((p * _P_SCALE_C).to(values.dtype), values, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        # value_scale (1 / ||v_k||) per column of p: the dot then sums p_k * W_k without a [K, e] W
+        value_scale = tl.load(value_scale_ptr + offs_k, mask=in_k, other=0.0) * _P_SCALE_C
+        acc = tl.dot((p * value_scale[None, :]).to(values.dtype), values, acc * alpha[:, None],
+                     input_precision=INPUT_PRECISION)
         m = m_new
     acc = acc * _INV_P_SCALE_C
     first_chunk = in_r & (e0 == 0)  # every e chunk holds the same (m, l): one stores them
@@ -228,11 +239,12 @@ def _combine_kernel(stats_ptr, partial_ptr, lse_ptr, out_ptr, R, E, S, BLOCK_R: 
 
 @triton.jit
 def _columns_kernel(
-    x_ptr, keys_ptr, bias_ptr, lse_ptr, y_ptr, out_ptr, R, K, D, E, scale_log2,
+    x_ptr, keys_ptr, key_scale_ptr, bias_ptr, lse_ptr, y_ptr, out_ptr, R, K, D, E, scale_log2,
     INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
-    # out [K, E] fp32 = sum_r exp(z_rk - lse_r) y_r; tiles are [keys, rows]. y (fp32) enters the dot in the input dtype.
+    # out [K, E] fp32 += sum_r exp(z_rk - lse_r) y_r; tiles are [keys, rows]. y (fp32) enters the dot in the input
+    # dtype. This program alone owns its tile of out: it loads it once after the loop, adds and stores it.
     pid = tl.program_id(0)
     n_e = tl.cdiv(E, BLOCK_E)
     k0 = (pid // n_e) * BLOCK_K
@@ -241,6 +253,7 @@ def _columns_kernel(
     in_k = offs_k < K
     if ONE_CHUNK:
         keys = _tile(keys_ptr, k0, K, tl.arange(0, BLOCK_D), D, BLOCK_K)  # held for the whole loop
+    row_scale = tl.load(key_scale_ptr + offs_k, mask=in_k, other=0.0) * scale_log2  # key_scale per row of [K, R]
     bias = tl.load(bias_ptr + offs_k, mask=in_k, other=0.0) * _LOG2E_C
     acc = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -252,29 +265,33 @@ def _columns_kernel(
         else:
             z = _dots(keys_ptr, x_ptr, k0, r0, K, R, D, INPUT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         lse2 = tl.load(lse_ptr + offs_r, mask=in_r, other=0.0) * _LOG2E_C
-        p = tl.where(in_r[None, :], tl.exp2(z * scale_log2 + bias[:, None] - lse2[None, :]), 0.0)
+        p = tl.where(in_r[None, :], tl.exp2(z * row_scale[:, None] + bias[:, None] - lse2[None, :]), 0.0)
         y = _tile(y_ptr, r0, R, offs_e, E, BLOCK_R).to(x_ptr.dtype.element_ty)
         acc = tl.dot((p * _P_SCALE_C).to(y.dtype), y, acc, input_precision=INPUT_PRECISION)
-    _store_tile(out_ptr, k0, K, offs_e, E, acc * _INV_P_SCALE_C, BLOCK_K)
+    pointers, mask = _tile_pointers(out_ptr, k0, K, offs_e, E, BLOCK_K)
+    tl.store(pointers, tl.load(pointers, mask=mask, other=0.0) + acc * _INV_P_SCALE_C, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
-def _check(x: torch.Tensor, bias: torch.Tensor, **same) -> None:
+def _check(x: torch.Tensor, same: dict, fp32: dict) -> None:
     if x.dtype not in TRITON_DTYPE:
         raise TypeError(f"dino_loss (triton) takes float32/float16/bfloat16, got {x.dtype}")
     for name, t in same.items():
         if t.dtype != x.dtype:
             raise TypeError(f"dino_loss (triton): {name} must be {x.dtype} like x, got {t.dtype}")
-    if bias.dtype != torch.float32:
-        raise TypeError(f"dino_loss (triton): bias must be float32, got {bias.dtype}")
+    for name, t in fp32.items():
+        if t.dtype != torch.float32:
+            raise TypeError(f"dino_loss (triton): {name} must be float32, got {t.dtype}")
 
 
-def softmax_rows(x, keys, values, bias, scale: float):
-    """(lse [R] fp32, out [R, e] fp32) for x [R, d], keys [K, d], values [K, e] (one dtype), bias [K] fp32."""
-    _check(x, bias, keys=keys, values=values)
-    x, keys, values, bias = x.contiguous(), keys.contiguous(), values.contiguous(), bias.contiguous()
+def softmax_rows(x, keys, key_scale, values, value_scale, bias, scale: float):
+    """(lse [R] fp32, out [R, e] fp32) for x [R, d], keys [K, d], values [K, e] (one dtype), key_scale, value_scale,
+    bias [K] fp32."""
+    _check(x, dict(keys=keys, values=values), dict(key_scale=key_scale, value_scale=value_scale, bias=bias))
+    x, keys, values = x.contiguous(), keys.contiguous(), values.contiguous()
+    key_scale, value_scale, bias = key_scale.contiguous(), value_scale.contiguous(), bias.contiguous()
     (R, D), K, E = x.shape, keys.shape[0], values.shape[1]
     cfg = ROWS_CONFIG[width_class(D, E)][x.dtype]
     lse = torch.empty(R, device=x.device, dtype=torch.float32)  # both fully written
@@ -283,15 +300,16 @@ def softmax_rows(x, keys, values, bias, scale: float):
         return lse.fill_(float("-inf") if K == 0 else 0.0), out.zero_()
     splits, per_split = split_plan(R, K, E, cfg)
     programs = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(E, cfg["BLOCK_E"]) * splits
-    args = (float(scale) * _LOG2E,)
+    inputs = (x, keys, key_scale, values, value_scale, bias)
+    sizes = (R, K, D, E, per_split, float(scale) * _LOG2E)
     with launch_device(x):
         if splits == 1:
-            _rows_kernel[(programs,)](x, keys, values, bias, lse, out, R, K, D, E, per_split, *args, SPLIT=False,
+            _rows_kernel[(programs,)](*inputs, lse, out, *sizes, SPLIT=False,
                                       INPUT_PRECISION=input_precision(x.dtype), **cfg)
             return lse, out
         stats = torch.empty((splits, 2, R), device=x.device, dtype=torch.float32)  # fully written
         partial = torch.empty((splits, R, E), device=x.device, dtype=torch.float32)
-        _rows_kernel[(programs,)](x, keys, values, bias, stats, partial, R, K, D, E, per_split, *args, SPLIT=True,
+        _rows_kernel[(programs,)](*inputs, stats, partial, *sizes, SPLIT=True,
                                   INPUT_PRECISION=input_precision(x.dtype), **cfg)
         combine = dict(COMBINE_CONFIG)
         _combine_kernel[(triton.cdiv(R, combine["BLOCK_R"]) * triton.cdiv(E, combine["BLOCK_E"]),)](
@@ -299,22 +317,24 @@ def softmax_rows(x, keys, values, bias, scale: float):
     return lse, out
 
 
-def softmax_columns(x, keys, bias, scale: float, lse, y):
-    """out [K, e] fp32 for x [R, d], keys [K, d] (one dtype), bias [K] fp32, lse [R] fp32 (from softmax_rows),
-    y [R, e] fp32. In fp16 / bf16, y is rounded to the input dtype for the tensor-core dot (fp16: |y| < 65504)."""
-    _check(x, bias, keys=keys)
-    x, keys, bias = x.contiguous(), keys.contiguous(), bias.contiguous()
-    lse, y = lse.float().contiguous(), y.float().contiguous()
+def softmax_columns(x, keys, key_scale, bias, scale: float, lse, y, out) -> None:
+    """out [K, e] fp32 (contiguous) += the transpose product, in place, for x [R, d], keys [K, d] (one dtype),
+    key_scale, bias [K] fp32, lse [R] fp32 (from softmax_rows), y [R, e] fp32. In fp16 / bf16, y is rounded to the
+    input dtype for the tensor-core dot (fp16: |y| < 65504)."""
+    _check(x, dict(keys=keys), dict(key_scale=key_scale, bias=bias, lse=lse, y=y, out=out))
     (R, D), K, E = x.shape, keys.shape[0], y.shape[1]
-    cfg = COLUMNS_CONFIG[width_class(D, E)][x.dtype]
-    out = torch.empty((K, E), device=x.device, dtype=torch.float32)  # fully written
+    if out.shape != (K, E) or not out.is_contiguous():
+        raise ValueError(f"dino_loss (triton): out must be a contiguous [{K}, {E}] tensor (added to in place), got "
+                         f"{'' if out.is_contiguous() else 'non-contiguous '}{list(out.shape)}")
+    x, keys, key_scale, bias = x.contiguous(), keys.contiguous(), key_scale.contiguous(), bias.contiguous()
+    lse, y = lse.contiguous(), y.contiguous()
     if R == 0 or K == 0 or E == 0:
-        return out.zero_()
+        return  # nothing to add
+    cfg = COLUMNS_CONFIG[width_class(D, E)][x.dtype]
     with launch_device(x):
         _columns_kernel[(triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(E, cfg["BLOCK_E"]),)](
-            x, keys, bias, lse, y, out, R, K, D, E, float(scale) * _LOG2E,
+            x, keys, key_scale, bias, lse, y, out, R, K, D, E, float(scale) * _LOG2E,
             INPUT_PRECISION=input_precision(x.dtype), **cfg)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,13 +353,14 @@ def _aot_specs() -> list:
         for split in (False, True):
             specs += aot_specs(
                 _rows_kernel, ROWS_CONFIG[name].get,
-                lambda ty: dict(x_ptr=ty, keys_ptr=ty, values_ptr=ty, bias_ptr="fp32", stats_ptr="fp32",
-                                out_ptr="fp32"),
+                lambda ty: dict(x_ptr=ty, keys_ptr=ty, key_scale_ptr="fp32", values_ptr=ty, value_scale_ptr="fp32",
+                                bias_ptr="fp32", stats_ptr="fp32", out_ptr="fp32"),
                 dict(SPLIT=split), ints=_INTS, floats=_FLOATS, aligned=_ALIGNED,
                 variant=f"{'split' if split else 'whole'} {name}")
         specs += aot_specs(
             _columns_kernel, COLUMNS_CONFIG[name].get,
-            lambda ty: dict(x_ptr=ty, keys_ptr=ty, bias_ptr="fp32", lse_ptr="fp32", y_ptr="fp32", out_ptr="fp32"),
+            lambda ty: dict(x_ptr=ty, keys_ptr=ty, key_scale_ptr="fp32", bias_ptr="fp32", lse_ptr="fp32",
+                            y_ptr="fp32", out_ptr="fp32"),
             {}, ints=_INTS, floats=_FLOATS, aligned=_ALIGNED, variant=name)
     unique = {}
     for spec in specs:  # fp32 entries are the same in every class: keep one, labelled "all"

@@ -223,20 +223,21 @@ def _contrastive_out_chunks(d, s) -> int:
 
 def _dino_loss(p: dict, s: int) -> List[dict]:
     """G + L crops x B rows, K prototypes of width d (e = d): the two softmax_rows launches (teacher, student; each
-    with its merge of the K splits) and the two softmax_columns launches of the backward, and the op wrapper's
-    glue (vitfast/ops/dino_loss.py, as of 2026-12-01 ~22:20 UTC): the weight norm and its autograd backward (O(K d),
-    the largest part), the teacher mean, the O(V B d) loss and d x, and d W = a - b. No [V B, K] tensor anywhere."""
+    with its merge of the K splits) and the two softmax_columns launches of the backward (adding in place to one
+    [K, d] fp32 gradient), and the op wrapper's glue (vitfast/ops/dino_loss.py contract v2, 53288e9): the fused
+    weight norm's O(K) scales (row norms of v_s and v_t, in K chunks), the teacher mean, the O(V B d) loss and d x,
+    the weight norm's backward in place on the gradient. No [V B, K] tensor and no [K, d] W anywhere."""
     b, d, k = p["B"], p["d"], p["K"]
     vs, vt = p["G"] + p["L"], p["G"]
     rs, rt = vs * b, vt * b
     w, w4 = k * d * s, k * d * 4
-    cast = int(s != 4)  # 16-bit inputs: the glue casts to fp32 and back
+    cast = int(s != 4)  # 16-bit inputs: the glue casts to fp32 (chunk by chunk for the [K, d] ones) and back
+    chunks = _dino_glue_chunks(k)
     launches = [
-        _launch("op: weight norm W = v / max(||v||, eps) in fp32 (norm, clamp, div; 16 bits: casts in and out)",
-                2 * w4 + 2 * k * 4 + (w + w4) * cast, w4 + 2 * k * 4 + (w4 + w) * cast, count=3 + 2 * cast),
-        _launch("op: teacher mean = mean of the teacher rows @ W^T (16 bits: casts of rows, W and centre)",
-                rt * d * s + w4 + d * 4 + (rt * d * 4 + w + k * s) * cast, d * 4 + k * 4 + (rt * d * 4 + w4 + k * 4)
-                * cast, 2 * k * d, count=2 + 3 * cast),
+        _launch("op: centre to fp32 (16 bits)", k * s, k * 4, count=cast),
+        _launch("op: 1 / ||v|| of v_s and v_t (per K chunk: row dots by bmm; 16 bits: both operands cast; then cat, "
+                "sqrt, clamp, reciprocal)", 2 * (w * (1 + cast) + 2 * w4 * cast + 4 * k * 4),
+                2 * (2 * w4 * cast + 5 * k * 4), 2 * 2 * k * d, count=2 * (chunks * (1 + 2 * cast) + 4)),
         _launch("fwd: biases -centre / T_t and 0", 2 * k * 4, 3 * k * 4, count=3),
     ]
     for who, rows in (("teacher", rt), ("student", rs)):
@@ -245,20 +246,33 @@ def _dino_loss(p: dict, s: int) -> List[dict]:
         _launch("fwd: U_v, m_v and the loss from lse and P (16 bits: x cast)",
                 (5 * rt + 3 * rs) * d * 4 + b * d * 4 + 3 * rs * 4 + rs * d * s * cast,
                 (2 * rs + 2 * rt) * d * 4 + b * d * 4 + rs * 4 + rs * d * 4 * cast, count=14 + cast),
+        _launch("fwd: teacher mean = t ⊙ (v_t @ mean of the teacher rows), per K chunk (16 bits: rows, v_t cast)",
+                rt * d * s + w + d * 4 + 3 * k * 4 + (rt * d * 4 + w4) * cast,
+                d * 4 + 3 * k * 4 + (rt * d * 4 + w4) * cast, 2 * k * d, count=chunks * (1 + cast) + 3 + cast),
         _launch("bwd: d x = g c / T_s (m P - U) (16 bits: cast)", 4 * rs * d * 4 + 8 + rs * d * 4 * cast,
                 3 * rs * d * 4 + 4 + rs * d * s * cast, count=4 + cast),
-        _launch("bwd: m x and R_j = sum of the other views' x (16 bits: x cast)",
-                2 * rs * d * 4 + (b + rt) * d * 4 + rs * d * s * cast, (rs + b + rt) * d * 4 + rs * d * 4 * cast,
-                count=3 + cast),
+        _launch("bwd: f m x and -f R_j, R_j = sum of the other views' x (16 bits: x cast)",
+                (2 * rs + b + 2 * rt) * d * 4 + 12 + 2 * vs * 4 + rs * d * s * cast,
+                (rs + b + 2 * rt) * d * 4 + 4 + vs * 4 + rs * d * 4 * cast, count=6 + cast),
+        _launch("bwd: the gradient G = 0 [K, d] fp32; autograd's zero [K] gradient of the teacher mean", 0,
+                w4 + k * 4, count=2),
     ]
     for who, rows in (("student", rs), ("teacher", rt)):
         launches.append(_dino_columns(who, rows, k, d, s))
     launches += [
-        _launch("bwd: d W = factor (a - b) (16 bits: cast)", 3 * w4 + w4 * cast, 2 * w4 + w * cast, count=2 + cast),
-        _launch("bwd: autograd of the weight norm to d v (div, neg, mul, sum, masks, add; 16 bits: casts)",
-                12 * w4 + 8 * k * 4 + (w + w4) * cast, 9 * w4 + 4 * k * 4 + (w4 + w) * cast, count=14 + 2 * cast),
+        _launch("bwd: weight norm backward in place: <G_k, v_k> per K chunk (16 bits: v cast), s^2 <G, v>, "
+                "G -= (..) v, G *= s (16 bits: the gradient cast out)",
+                w4 + w + w4 * cast + k * 4 + 4 * k * 4 + (w4 + w + k * 4) + (w4 + k * 4) + w4 * cast,
+                w4 * cast + 2 * k * 4 + 2 * k * 4 + w4 + w4 + w * cast, 2 * k * d,
+                count=chunks * (1 + cast) + 1 + 2 + 2 + cast),
     ]
     return launches
+
+
+def _dino_glue_chunks(k: int) -> int:
+    """K chunks of the op wrapper's O(K d) glue (vitfast.ops.dino_loss.CHUNK prototype rows each)."""
+    from vitfast.ops.dino_loss import CHUNK
+    return math.ceil(k / CHUNK)
 
 
 def _dino_plan(kind: str, rows: int, k: int, d: int, s: int) -> tuple:
@@ -275,21 +289,24 @@ def _dino_plan(kind: str, rows: int, k: int, d: int, s: int) -> tuple:
 
 def _dino_rows(who: str, r: int, k: int, d: int, s: int) -> List[dict]:
     """softmax_rows: x [r, d] re-read per K split (L2); keys and values (K x d each, also when they are one
-    tensor) once per e chunk (the chunks of one split run side by side: L2); S splits write (m, l) and acc."""
+    tensor) once per e chunk (the chunks of one split run side by side: L2), key_scale, value_scale and bias [K];
+    S splits write (m, l) and acc."""
     splits, chunks = _dino_plan("rows", r, k, d, s)
     out = 2 * r * 4 + r * d * 4 if splits > 1 else r * 4 + r * d * 4
     launches = [_launch(f"fwd {who}: z, online softmax, p @ W ({splits} K splits, z {chunks}x)",
-                        r * d * s + 2 * k * d * s + k * 4, splits * out, (chunks + 1) * 2 * r * k * d)]
+                        r * d * s + 2 * k * d * s + 3 * k * 4, splits * out, (chunks + 1) * 2 * r * k * d)]
     if splits > 1:
         launches.append(_launch(f"fwd {who}: merge of the K splits", splits * out, r * 4 + r * d * 4))
     return launches
 
 
 def _dino_columns(who: str, r: int, k: int, d: int, s: int) -> dict:
-    """softmax_columns: one program per K tile (and e chunk) loops over the r rows (x, lse, y re-read: L2)."""
+    """softmax_columns: one program per K tile (and e chunk) loops over the r rows (x, lse, y re-read: L2), then
+    adds its tile to the [K, d] fp32 gradient in place (read and written once)."""
     _, chunks = _dino_plan("columns", r, k, d, s)
-    return _launch(f"bwd {who}: z again ({chunks}x) from lse, p^T @ y",
-                   r * d * s + k * d * s + k * 4 + r * 4 + r * d * 4, k * d * 4, (chunks + 1) * 2 * r * k * d)
+    return _launch(f"bwd {who}: z again ({chunks}x) from lse, p^T @ y, added to G",
+                   r * d * s + k * d * s + 2 * k * 4 + r * 4 + r * d * 4 + k * d * 4, k * d * 4,
+                   (chunks + 1) * 2 * r * k * d)
 
 
 def _nn_topk(p: dict, s: int) -> List[dict]:
