@@ -68,12 +68,15 @@ TORCH_LIBRARY(vitfast_C, m) {
         "bool[2] output_mask) -> (Tensor, Tensor)");
 
   // dino_loss's streaming softmax primitives over K prototypes (vitfast/ops/dino_loss.py): x [R,d], keys [K,d],
-  // values [K,e] (one dtype), bias [K] in the accumulation dtype (fp32; fp64 for fp64), z_rk = scale <x_r,keys_k> +
-  // bias_k -> (lse [R], out [R,e] = sum_k softmax_k(z_r) values_k), both in the accumulation dtype.
-  m.def("dino_softmax_rows(Tensor x, Tensor keys, Tensor values, Tensor bias, float scale) -> (Tensor, Tensor)");
-  // The transpose product: out [K,e] = sum_r exp(z_rk - lse_r) y_r; lse [R], y [R,e] and out in the accumulation
-  // dtype. Neither stores the [R,K] logits.
-  m.def("dino_softmax_columns(Tensor x, Tensor keys, Tensor bias, float scale, Tensor lse, Tensor y) -> Tensor");
+  // values [K,e] (one dtype); key_scale, value_scale, bias [K] in the accumulation dtype (fp32; fp64 for fp64);
+  // z_rk = scale key_scale_k <x_r,keys_k> + bias_k -> (lse [R], out [R,e] = sum_k softmax_k(z_r) value_scale_k
+  // values_k), both in the accumulation dtype.
+  m.def("dino_softmax_rows(Tensor x, Tensor keys, Tensor key_scale, Tensor values, Tensor value_scale, Tensor bias, "
+        "float scale) -> (Tensor lse, Tensor out)");
+  // The transpose product, added in place: out [K,e] += sum_r exp(z_rk - lse_r) y_r; lse [R], y [R,e] and out
+  // (contiguous) in the accumulation dtype. Neither stores the [R,K] logits nor a [K,e] buffer of its own.
+  m.def("dino_softmax_columns(Tensor x, Tensor keys, Tensor key_scale, Tensor bias, float scale, Tensor lse, "
+        "Tensor y, Tensor(a!) out) -> ()");
 
   // nn_topk (vitfast/ops/nn_topk.py): queries [B,d], queue [Q,d] (one dtype), query_ids [B], queue_ids [Q] int64
   // -> (values [B,k] accumulation dtype, indices [B,k] int64): each query's k most similar entries whose id differs

@@ -1,12 +1,14 @@
 """dino_loss CPU kernels (csrc/cpu/dino_loss.cpp): the two streaming softmax primitives against the float64
 kernel-level reference, on the paths that depend on the kernel's tile and chunk rules. test_dino_loss.py holds every
 backend to the reference at small shapes; here: several row tiles, key tiles and key chunks with ragged tails (and
-R = 1, K = 1, d = 1), the shared keys/values path, fp16/bf16 widened per tile, logits far beyond exp's range and key
-tiles whose logits are all -inf (the online softmax's running max), the at::addmm_out GEMM path, bitwise thread-count
-independence, and the public dino_loss on the cpu backend (loss and both gradients) against DINO's formula.
+R = 1, K = 1, d = 1), per-key key_scale / value_scale (the fused weight norm) and softmax_columns adding into a
+nonzero out, the shared keys/values path, fp16/bf16 widened per tile, logits far beyond exp's range and key tiles
+whose logits are all -inf (the online softmax's running max), the at::addmm_out GEMM path, bitwise thread-count
+independence, no [K, e] or [K, d] buffer inside the kernels (profiler), argument errors, and the public dino_loss on
+the cpu backend (loss and both gradients) against DINO's formula.
 
-Cost: 11 s of test time on 2 cores shared with about 10 busy processes (the largest case is 600 rows x 3000 keys,
-d = 16); less on a quiet machine.
+Cost: 6 s of test time (24 tests) on 2 cores shared with about 7 busy processes (the largest cases: 600 rows x 3000
+keys, d = 16, and the profiled 64 rows x 16384 keys, d = 64); less on a quiet machine.
 """
 import pytest
 import torch
@@ -37,38 +39,51 @@ def threads():
 
 
 def inputs(r, k, d, e, dtype, *, seed=0, shared=False):
-    """(x [r, d], keys [k, d], values [k, e], bias [k], y [r, e]): unit rows of x and keys (the op's use), values and y
-    Gaussian, bias ~ N(0, 4); bias and y in the accumulation dtype. shared: values is keys (e = d), as in the loss."""
+    """(x [r, d], keys [k, d], key_scale [k], values [k, e], value_scale [k], bias [k], y [r, e], out [k, e]): unit rows
+    of x, keys of norm 0.5..2 with key_scale = 1 / ||keys_k|| (the fused weight norm), value_scale in 0.5..1.5, values,
+    y and out Gaussian, bias ~ N(0, 4); the scales, bias, y and out in the accumulation dtype. shared: values is keys
+    (e = d) and value_scale is key_scale, as in the loss."""
     acc = F64 if dtype == F64 else F32
     gen = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(r, d, generator=gen, dtype=F64), dim=1).to(dtype)
-    keys = F.normalize(torch.randn(k, d, generator=gen, dtype=F64), dim=1).to(dtype)
+    norms = 0.5 + 1.5 * torch.rand(k, 1, generator=gen, dtype=F64)
+    keys = (F.normalize(torch.randn(k, d, generator=gen, dtype=F64), dim=1) * norms).to(dtype)
+    key_scale = keys.double().norm(dim=1).reciprocal().to(acc)
     values = keys if shared else torch.randn(k, e, generator=gen, dtype=F64).to(dtype)
+    value_scale = key_scale if shared else (0.5 + torch.rand(k, generator=gen, dtype=F64)).to(acc)
     bias = (2 * torch.randn(k, generator=gen, dtype=F64)).to(acc)
     y = torch.randn(r, values.shape[1], generator=gen, dtype=F64).to(acc)
-    return x, keys, values, bias, y
+    out = torch.randn(k, values.shape[1], generator=gen, dtype=F64).to(acc)
+    return x, keys, key_scale, values, value_scale, bias, y, out
 
 
-def run_cpu(x, keys, values, bias, y, scale):
-    """(lse, out, columns) of the C++ kernels; columns is fed the reference lse, so that each is checked alone."""
-    lse, out = torch.ops.vitfast_C.dino_softmax_rows(x, keys, values, bias, scale)
-    want_lse = _reference_softmax_rows(x.double(), keys.double(), values.double(), bias.double(), scale)[0]
-    columns = torch.ops.vitfast_C.dino_softmax_columns(x, keys, bias, scale, want_lse.to(bias.dtype), y)
-    return lse, out, columns
+def run_cpu(x, keys, key_scale, values, value_scale, bias, y, out, scale):
+    """(lse, rows, columns) of the C++ kernels: columns = a copy of out after softmax_columns added into it, fed the
+    reference lse, so that each kernel is checked alone."""
+    lse, rows = torch.ops.vitfast_C.dino_softmax_rows(x, keys, key_scale, values, value_scale, bias, scale)
+    wide = [t.double() for t in (x, keys, key_scale, values, value_scale, bias)]
+    want_lse = _reference_softmax_rows(*wide, scale)[0]
+    columns = out.clone()
+    assert torch.ops.vitfast_C.dino_softmax_columns(x, keys, key_scale, bias, scale, want_lse.to(bias.dtype), y,
+                                                    columns) is None
+    return lse, rows, columns
 
 
 def check(case, scale, assert_close):
-    x, keys, values, bias, y = case
+    x, keys, key_scale, values, value_scale, bias, y, out = case
     acc = bias.dtype
-    lse, out, columns = run_cpu(x, keys, values, bias, y, scale)
-    wide = [t.double() for t in (x, keys, values, bias)]
-    want_lse, want_out = _reference_softmax_rows(*wide, scale)
-    want_columns = _reference_softmax_columns(wide[0], wide[1], wide[3], scale, want_lse, y.double())
-    assert lse.dtype == out.dtype == columns.dtype == acc
-    assert lse.shape == want_lse.shape and out.shape == want_out.shape and columns.shape == want_columns.shape
-    assert torch.isfinite(out).all() and torch.isfinite(columns).all()
+    lse, rows, columns = run_cpu(*case, scale)
+    wide = [t.double() for t in (x, keys, key_scale, values, value_scale, bias)]
+    want_lse, want_rows = _reference_softmax_rows(*wide, scale)
+    want_columns = out.double()  # the reference adds in place too
+    _reference_softmax_columns(wide[0], wide[1], wide[2], wide[5], scale, want_lse, y.double(), want_columns)
+    assert lse.dtype == rows.dtype == columns.dtype == acc
+    assert lse.shape == want_lse.shape and rows.shape == want_rows.shape and columns.shape == want_columns.shape
+    assert torch.isfinite(rows).all() and torch.isfinite(columns).all()
     assert_close(lse, want_lse, x.dtype, "cpu/lse")
-    assert_close(out, want_out, x.dtype, "cpu/out")
+    assert_close(rows, want_rows, x.dtype, "cpu/rows")
+    # The added part alone too: out's own magnitude would hide an error in it.
+    assert_close(columns - out, want_columns - out.double(), x.dtype, "cpu/columns added")
     assert_close(columns, want_columns, x.dtype, "cpu/columns")
 
 
@@ -81,7 +96,7 @@ def test_tiles_and_chunks_with_ragged_tails(r, k, d, e, assert_close):
     check(inputs(r, k, d, e, F32), 25.0, assert_close)
 
 
-@pytest.mark.parametrize("dtype", [F64, F16, BF16])
+@pytest.mark.parametrize("dtype", [F64, F32, F16, BF16])
 @pytest.mark.parametrize("shared", [False, True])
 def test_widened_dtypes_and_shared_values(dtype, shared, assert_close):
     # fp16/bf16 keys and values widened per key tile (once when values is keys); fp64 in fp64 throughout. The
@@ -93,9 +108,9 @@ def test_widened_dtypes_and_shared_values(dtype, shared, assert_close):
 def test_large_logits_and_masked_key_tiles(dtype, assert_close):
     # scale 100 on unit rows: |z| up to 100 + bias, past exp's fp32 range without the running max. Keys 0..599 have
     # bias -inf: the first key tile of every row (and all of chunk 0) has no finite logit, then the max jumps.
-    x, keys, values, bias, y = inputs(40, 1600, 8, 5, dtype)
-    bias[:600] = float("-inf")
-    check((x, keys, values, bias, y), 100.0, assert_close)
+    case = inputs(40, 1600, 8, 5, dtype)
+    case[5][:600] = float("-inf")  # bias
+    check(case, 100.0, assert_close)
 
 
 def test_gemm_through_aten(monkeypatch, assert_close):
@@ -104,7 +119,7 @@ def test_gemm_through_aten(monkeypatch, assert_close):
 
 
 def test_thread_count_does_not_change_bits(threads):
-    # 600 rows x 3000 keys: 3 row tiles x 6 key chunks = 18 rows items; 6 key tiles for the columns.
+    # 600 rows x 3000 keys: 3 row tiles x 6 key chunks = 18 rows items; 6 key tiles for the columns (into out).
     case = inputs(600, 3000, 16, 16, F32)
     results = []
     for n in (1, 2, 3):
@@ -113,6 +128,46 @@ def test_thread_count_does_not_change_bits(threads):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_no_key_sized_buffer_inside(threads):
+    # K = 16384 bf16 prototypes, e = d = 64: a [K, e] fp32 buffer is 4 MiB, a widened [K, d] copy too. The kernels' own
+    # allocations (2 threads' tiles, 1 MiB with the widened key / value tiles; the rows' 16 chunk partials, 256 KiB;
+    # the outputs) must stay below half of that; softmax_columns writes into the caller's out.
+    from vitfast.gpu_check.measure import peak_bytes
+    threads(2)
+    x, keys, key_scale, values, value_scale, bias, y, out = inputs(64, 16384, 64, 64, BF16, shared=True)
+    lse, _ = torch.ops.vitfast_C.dino_softmax_rows(x, keys, key_scale, values, value_scale, bias, 10.0)
+    key_sized = 16384 * 64 * 4
+    rows_peak = peak_bytes(lambda: torch.ops.vitfast_C.dino_softmax_rows(x, keys, key_scale, values, value_scale,
+                                                                         bias, 10.0), torch.device("cpu"))
+    columns_peak = peak_bytes(lambda: torch.ops.vitfast_C.dino_softmax_columns(x, keys, key_scale, bias, 10.0, lse, y,
+                                                                               out), torch.device("cpu"))
+    assert 0 < rows_peak < key_sized / 2 and 0 < columns_peak < key_sized / 2, (rows_peak, columns_peak)
+
+
+def test_columns_without_rows_leave_out_unchanged():
+    x, keys, key_scale, values, value_scale, bias, y, out = inputs(3, 700, 4, 5, F32)
+    before = out.clone()
+    torch.ops.vitfast_C.dino_softmax_columns(x[:0], keys, key_scale, bias, 2.0, torch.zeros(0), y[:0], out)
+    assert torch.equal(out, before)
+
+
+def test_argument_errors():
+    x, keys, key_scale, values, value_scale, bias, y, out = inputs(3, 700, 4, 5, F32)
+    lse = torch.zeros(3)
+    rows = torch.ops.vitfast_C.dino_softmax_rows
+    columns = torch.ops.vitfast_C.dino_softmax_columns
+    with pytest.raises(RuntimeError, match="key_scale must be Float"):
+        rows(x, keys, key_scale.double(), values, value_scale, bias, 2.0)
+    with pytest.raises(RuntimeError, match=r"value_scale must be Float \[K\] = \[700\]"):
+        rows(x, keys, key_scale, values, value_scale[:-1], bias, 2.0)
+    with pytest.raises(RuntimeError, match="key_scale must be"):
+        columns(x, keys, key_scale[:-1], bias, 2.0, lse, y, out)
+    with pytest.raises(RuntimeError, match=r"out must be a contiguous Float \[K, e\] = \[700, 5\].*not contiguous"):
+        columns(x, keys, key_scale, bias, 2.0, lse, y, torch.zeros(5, 700).T)
+    with pytest.raises(RuntimeError, match="out must be"):
+        columns(x, keys, key_scale, bias, 2.0, lse, y, out.double())
 
 
 @pytest.mark.parametrize("dtype", [F64, F32, BF16])
