@@ -145,13 +145,18 @@ def _per_view(rows: Tensor, views: int) -> Tensor:
     return rows.view(views, rows.shape[0] // views, *rows.shape[1:])
 
 
-CHUNK = 4096  # prototype rows per step of the O(K·d) glue below: 16-bit rows are widened a chunk at a time
+CHUNK = 8192  # prototype rows per step of the O(K·d) glue below: 16-bit rows are widened a chunk at a time
 
 
 def _row_dots(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """<a_k, b_k> for every row [K] in ``dtype``, without a full-size product or copy."""
-    return torch.cat([torch.bmm(ac.to(dtype).unsqueeze(1), bc.to(dtype).unsqueeze(2)).view(-1)
-                      for ac, bc in zip(a.split(CHUNK), b.split(CHUNK))])
+    """<a_k, b_k> for every row [K] in ``dtype``, without a full-size product or copy (16-bit rows are widened one
+    chunk at a time, once when a is b)."""
+    dots = []
+    for ac, bc in zip(a.split(CHUNK), b.split(CHUNK)):
+        ac = ac.to(dtype)
+        bc = ac if b is a else bc.to(dtype)
+        dots.append(torch.bmm(ac.unsqueeze(1), bc.unsqueeze(2)).view(-1))
+    return torch.cat(dots)
 
 
 def _inverse_norms(v: Tensor, dtype: torch.dtype) -> Tensor:
