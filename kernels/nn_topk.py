@@ -54,7 +54,8 @@ _LOW_MASK_C = tl.constexpr(_LOW_MASK)
 # bf16 rows up to 256 are one chunk (ONE_CHUNK), wider rows and fp32 (twice the registers per element) are summed
 # over BLOCK_D chunks. The running keys and a tile's keys are int64 in registers (with the bitonic merge's
 # temporaries): 64 query rows spilled at 255 registers on sm_80 for KP = 128 (40-264 B) and for chunked 16-bit
-# (48 B), and 32 fp32 rows on sm_90a (IEEE, 104 B); hence 16 rows for KP = 128 and fp32, 32 for chunked 16-bit.
+# (48 B), and 32 fp32 rows on sm_90a (IEEE, 104 B); hence 16 rows for KP = 128 and fp32, 32 for chunked 16-bit,
+# and 32-wide D chunks for chunked 16-bit at KP = 128 (64 still spilled 48 B on sm_80).
 # ---------------------------------------------------------------------------------------------------
 K_CLASSES = {"k32": 32, "k128": 128}
 D_CLASSES = {"d128": 128, "d256": 256, "chunked": None}
@@ -74,7 +75,8 @@ def _table() -> dict:
                                     num_warps=4 if kp == 32 else 8, num_stages=2), fp32),
             "d256": _per_dtype(dict(BLOCK_B=block_b, BLOCK_Q=block_q, BLOCK_D=256, KP=kp, ONE_CHUNK=True,
                                     num_warps=8, num_stages=2 if kp == 32 else 1), fp32),
-            "chunked": _per_dtype(dict(BLOCK_B=min(block_b, 32), BLOCK_Q=block_q, BLOCK_D=64, KP=kp, ONE_CHUNK=False,
+            "chunked": _per_dtype(dict(BLOCK_B=min(block_b, 32), BLOCK_Q=block_q, BLOCK_D=64 if kp == 32 else 32,
+                                       KP=kp, ONE_CHUNK=False,
                                        num_warps=8, num_stages=1), fp32),
         }
     return table
