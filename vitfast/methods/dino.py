@@ -119,6 +119,7 @@ class DINO(Method):
         super().__init__(config, data)
         self.stage = self.stage_of(config)
         self.random_init_baseline = self.stage == "dino"  # the other stages are classifiers: they report accuracy
+        self.accumulates = self.stage != "dino"  # the centre is a batch statistic, updated after every forward
         if self.stage != "dino":  # the supervised recipe, on a fresh encoder (finetune: loaded by init_from)
             self.supervised = Supervised(config, data)
             return

@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from ..config import UserError, setting
+from ..config import setting
 from ..data import augment
 from ..nn.heads import prediction_head, projection_head
 from ..nn.momentum import MomentumTeacher
@@ -117,10 +117,7 @@ class MAECT(Method):
         if stage == "mae":
             self.mae = MAE(config, data)  # the MAE method itself, built from the same random numbers
             return
-        if getattr(config, "accum_steps", 1) > 1:
-            raise UserError(f"mae-ct stage {stage}: the loss depends on the whole batch (BatchNorm in the heads, "
-                            f"in-batch negatives): --accum-steps {config.accum_steps} would change it; use a smaller "
-                            f"--batch-size instead")
+        self.accumulates = False  # BatchNorm in the heads and in-batch negatives: the engine refuses --accum-steps
         s = config.method_config
         self.model = self.build_encoder(pos_embed="sincos", weight_init="mae")
         self.projector = projection_head(self.model.embed_dim, "mae-ct", hidden_dim=s.proj_hidden_dim,
