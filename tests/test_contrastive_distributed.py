@@ -9,13 +9,12 @@ fails instead of blocking CI.
 """
 import importlib
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _ranks import normwise, spawn_ranks  # tests/_ranks.py: the spawn harness
 
 WORLD, BATCH, DIM = 2, 6, 5  # BATCH rows in all, BATCH / WORLD per rank
 MODES = ("diagonal", "ntxent", "labels", "labels1")
@@ -155,35 +154,10 @@ def _worker(rank, port, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """The results of both ranks (one spawn for the module)."""
-    out_dir = str(tmp_path_factory.mktemp("contrastive_ranks"))
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, out_dir)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    hung = [p for p in processes if p.is_alive()]
-    for process in hung:
-        process.kill()
-    assert not hung, "a rank did not finish in 300 s"
-    results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for rank, result in enumerate(results):
-        assert "error" not in result, f"rank {rank} failed:\n{result['error']}"
-    return results
-
-
-def normwise(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("contrastive_ranks")))
 
 
 def distributed_error(ranks, key, backend, mode):

@@ -7,13 +7,12 @@ One spawn of 2 processes serves the module (about 15 s of CPU on 2 cores, most o
 importing torch); collectives time out after 120 s and the processes are killed after 300 s, so a hang fails.
 """
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _ranks import normwise, spawn_ranks  # tests/_ranks.py: the spawn harness
 
 WORLD, BATCH, DIM, K = 2, 6, 5, 9  # BATCH images in all, BATCH / WORLD per rank
 N_STUDENT, N_TEACHER = 4, 2
@@ -85,34 +84,10 @@ def _worker(rank, port, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("dino_ranks"))
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, out_dir)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    hung = [p for p in processes if p.is_alive()]
-    for process in hung:
-        process.kill()
-    assert not hung, "a rank did not finish in 300 s"
-    results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for rank, result in enumerate(results):
-        assert "error" not in result, f"rank {rank} failed:\n{result['error']}"
-    return results
-
-
-def normwise(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    """The results of both ranks (one spawn for the module)."""
+    return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("dino_ranks")))
 
 
 def errors(per_rank, backend):
