@@ -3,8 +3,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALL = ('python3 -m venv ~/.cache/vitfast-venv && . ~/.cache/vitfast-venv/bin/activate && '
-           'pip install -r requirements.txt && pip install --no-build-isolation -e ".[dev]"')
+INSTALL = ('test -d ~/.cache/vitfast-venv || python3 -m venv ~/.cache/vitfast-venv; . ~/.cache/vitfast-venv/bin/activate '
+           '&& pip install -r requirements.txt && pip install --no-build-isolation -e ".[dev]"')
 
 
 def _quick_start_commands():
@@ -26,4 +26,4 @@ def test_ci_runs_the_readme_test_command():
     script = (ROOT / ".ci" / "run").read_text()
     command = _quick_start_commands()[1].replace("~/.cache/vitfast-venv", '"$VENV"')
     assert command in script
-    assert 'VENV="${VITFAST_CI_VENV:-${HOME:-/tmp}/.cache/vitfast-venv}"' in script
+    assert 'VENV="${VITFAST_CI_VENV:-${HOME:-/tmp}/.cache/vitfast-ci-venv}"' in script  # CI's own venv
