@@ -33,7 +33,8 @@ def test_dino_loss_and_nn_topk_benchmark_rows(tmp_path):
             assert [r["implementation"] for r in group] == fused + others, group
             for r in group:
                 assert "error" not in r and r["median_ms"] > 0 and r["note"] == "test" and r["dtype"] == "fp32", r
-                assert r["peak_above_floor_mib"] >= 0 and r["floor_mib"] > 0, r
+                # The memory columns are there (MiB with one decimal: a tiny shape's floor may print as 0.0).
+                assert r["peak_above_floor_mib"] >= 0 and r["floor_mib"] >= 0, r
             assert not fused or group[0]["median_vs_fused"] == 1.0
             assert f"{op} {shape} fp32" in result.stdout  # its markdown table
     header = (tmp_path / "bench.csv").read_text().splitlines()[0]
