@@ -220,7 +220,7 @@ def test_settings_reach_the_method_by_flag_set_and_stage(capsys):
     assert main(["--method", "mae", "--mask-ratio", "0.5", "--set", "decoder_dim=8", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["method_config"] == {"mask_ratio": 0.5, "decoder_dim": 8, "decoder_depth": 2, "decoder_heads": 4,
-                                        "norm_pix": True}
+                                        "norm_pix": True, "decay_tokens": True}
     assert "mask_ratio" not in printed  # not a shared field any more
     assert main(["--method", "supervised", "--set", "mask_ratio=0.5", "--print-config"]) == 2
     assert re.search(r"unknown config keys \['mask_ratio'\] for method 'supervised' \(mask_ratio is a setting of "
