@@ -1,5 +1,5 @@
-"""Shared test setup: the Triton interpreter on CPU-only machines (its bf16 dot and casts mended), and the tolerance
-table of the tests outside tests/ops."""
+"""Shared test setup: the Triton interpreter on CPU-only machines (its bf16 dot and casts mended), the tolerance
+table of the tests outside tests/ops, and the small digits data of the methods' CLI tests."""
 import os
 
 import torch
@@ -27,6 +27,25 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         from vitfast import triton_interpreter
 
         INTERPRETER_MENDS = triton_interpreter.mend()
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    """Training runs on the first 320 / 64 / 64 images of digits (at the size the run asks for: 16 px gives 10 steps
+    of 32 per epoch), with no plots: the cheap data of the methods' end-to-end CLI tests."""
+    from vitfast import engine
+
+    load_splits = engine.load_splits
+    cache = {}
+
+    def first_images(name, **kwargs):
+        if not cache:
+            sizes = {"train": 320, "val": 64, "test": 64}
+            cache.update({s: split.subset(range(sizes[s])) for s, split in load_splits(name, **kwargs).items()})
+        return cache
+
+    monkeypatch.setattr(engine, "load_splits", first_images)
+    monkeypatch.setattr(engine.Trainer, "_plot", lambda self: None)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitfast import checkpoint as ckpt
-from vitfast import engine
 from vitfast.config import build_config
 from vitfast.engine import CHECKPOINT, Trainer
 from vitfast.methods import DataInfo, get_method
@@ -203,22 +202,6 @@ def test_encode_view_is_every_student_pass_and_its_extra_loss_is_added(name):
 
 
 # --- end to end through the CLI, with an exact resume ------------------------------------------------------------
-
-@pytest.fixture
-def small_digits(monkeypatch):
-    """The first 320 / 64 / 64 images of digits at 16 px (10 steps of 32 per epoch), and no plots."""
-    load_splits = engine.load_splits
-    cache = {}
-
-    def first_images(name, **kwargs):
-        if not cache:
-            sizes = {"train": 320, "val": 64, "test": 64}
-            cache.update({s: split.subset(range(sizes[s])) for s, split in load_splits(name, **kwargs).items()})
-        return cache
-
-    monkeypatch.setattr(engine, "load_splits", first_images)
-    monkeypatch.setattr(Trainer, "_plot", lambda self: None)
-
 
 def flags(name, metrics):
     values = {**TINY, **HEADS[name], "batch_size": 32, "epochs": 1, "warmup_epochs": 0.5, "image_size": 16,

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from vitfast import checkpoint as ckpt
-from vitfast import engine
 from vitfast.config import UserError, build_config
 from vitfast.engine import CHECKPOINT, Trainer
 from vitfast.methods import DataInfo, get_method
@@ -252,7 +251,6 @@ def test_mae_stage_is_the_mae_method():
 
 def test_head_and_ct_refuse_gradient_accumulation():
     from types import SimpleNamespace
-    from vitfast.engine import Trainer
     fake = SimpleNamespace(config=SimpleNamespace(batch_size=64, accum_steps=2, method="mae-ct"),
                            dist=SimpleNamespace(world_size=1))
     for stage in ("head", "ct"):
@@ -263,22 +261,6 @@ def test_head_and_ct_refuse_gradient_accumulation():
 
 
 # --- the pipeline through the CLI -----------------------------------------------------------------------------------
-
-@pytest.fixture
-def small_digits(monkeypatch):
-    """The first 320 / 64 / 64 images of digits at 16 px, and no plots."""
-    load_splits = engine.load_splits
-    cache = {}
-
-    def first_images(name, **kwargs):
-        if not cache:
-            sizes = {"train": 320, "val": 64, "test": 64}
-            cache.update({s: split.subset(range(sizes[s])) for s, split in load_splits(name, **kwargs).items()})
-        return cache
-
-    monkeypatch.setattr(engine, "load_splits", first_images)
-    monkeypatch.setattr(Trainer, "_plot", lambda self: None)
-
 
 def test_three_stages_then_one_stage_through_the_cli(tmp_path, small_digits):
     values = {**TINY, "batch_size": 32, "image_size": 16, "device": "cpu", "metrics": "knn"}
