@@ -104,3 +104,13 @@ def test_val_fraction_zero_trains_on_the_whole_train_split_and_selects_nothing(t
     probe = summary["linear_probe"]
     assert probe["val_accuracy"] is None and probe["best_epoch"] is None and 0.0 <= probe["test_accuracy"] <= 1.0
     assert "knn_val_accuracy" not in summary
+
+
+@pytest.mark.parametrize("image_size, given, expected", [(None, None, 4), (64, None, 8), (64, 4, 4)])
+def test_relvit_paper_patch_follows_the_image_size_unless_given(image_size, given, expected):
+    """The release: patch 4 on 32-px data, 8 on 64-px data; a --patch-size the user gives wins."""
+    config = build_config("relvit", "paper", stage="upstream", image_size=image_size, patch_size=given,
+                          embed_dim=32, depth=1, num_heads=2, metrics="", progress=False)
+    trainer = Trainer(config)
+    assert trainer.config.patch_size == trainer.method.model.patch_size == expected
+    assert json.loads(trainer.config.to_json())["patch_size"] == expected  # what config.json will say

@@ -201,12 +201,12 @@ def test_presets_resolve_as_before_the_settings_moved():
 # paper presets made the papers' recipes; tests/test_recipes.py pins them through the code that uses them).
 NEW_FIELDS = {"val_fraction": TrainConfig.val_fraction, "accum_steps": TrainConfig.accum_steps,
               "lr_schedule": TrainConfig.lr_schedule, "crop_padding": 4, "repeated_augmentation": 1, "mix_prob": 1.0,
-              "autoaugment_policy": "auto", "decay_tokens": False}
+              "autoaugment_policy": "auto", "decay_tokens": False, "patch_size_by_image_size": {}}
 RECIPE_CHANGES = {
     "mae/paper": dict(batch_size=4096, accum_steps=16, global_pool="token", decay_tokens=True),
     "mae/quick": dict(decay_tokens=True),
     "relvit/paper": dict(drop_path=0.1, lr_schedule="quarter-cosine", min_lr=1.25e-6, warmup_epochs=1.0,
-                         crop_padding=4),
+                         crop_padding=4, patch_size_by_image_size={"32": 4, "64": 8}),
 }
 RECIPE_CHANGES["supervised/paper"] = dict(batch_size=256, mixup=1.0, mix_prob=0.5, repeated_augmentation=3)
 STAGE_CHANGES = {"relvit/paper": ("warmup_epochs",)}  # now per stage: 10 % of its epochs

@@ -76,6 +76,8 @@ class TrainConfig:
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
     patch_size: Optional[int] = None
+    patch_size_by_image_size: Dict[str, int] = field(default_factory=dict)  # a recipe's patch size per image side
+                                           # ({"64": 8}): applied once the data is loaded, unless patch_size is given
     drop_path: float = 0.0
     global_pool: str = "token"             # features for evaluation and the classifier: "token" (CLS) or "avg"
     init: Optional[str] = None             # checkpoint (a run folder or .pt) whose encoder initialises this run
@@ -191,6 +193,11 @@ def validate(config: "TrainConfig") -> "TrainConfig":
     for name, choices in SHARED_CHOICES.items():
         if getattr(config, name) not in choices:
             raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    table = config.patch_size_by_image_size
+    if not isinstance(table, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, int)
+                                              and not isinstance(v, bool) and v >= 1 for k, v in table.items()):
+        raise UserError(f'patch_size_by_image_size must map image sides to patch sizes, e.g. {{"64": 8}}, '
+                        f"got {table!r}")
     unknown = [m for m in (m.strip() for m in config.metrics.split(",")) if m and m not in METRICS]
     if unknown:
         raise UserError(f"metrics must be a comma-separated subset of {', '.join(METRICS)}, got {config.metrics!r}")
@@ -256,6 +263,8 @@ def build_config(method: str, preset: str = "quick", **overrides: Any) -> TrainC
         raise UserError(f"unknown preset {preset!r} for {method}; available: {sorted(cls.presets)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**cls.presets[preset], **given, "preset": preset}
+    if "patch_size" in given and "patch_size_by_image_size" not in given:
+        values["patch_size_by_image_size"] = {}  # a patch size the user gives wins on every image size
     # Precedence: preset < the preset's per-stage values < what the user gave (for every stage).
     values["stage_overrides"] = {stage: {k: v for k, v in per_stage.items() if k not in given}
                                  for stage, per_stage in values.get("stage_overrides", {}).items()}

@@ -212,6 +212,8 @@ class Trainer:
         train = self.splits["train"]
         self.data_info = DataInfo(channels=train.images.shape[1], image_size=train.images.shape[-1],
                                   num_classes=train.num_classes, mean=tuple(train.mean), std=tuple(train.std))
+        if str(self.data_info.image_size) in c.patch_size_by_image_size:  # the recipe's patch for this image side
+            self.config = c = c.replace(patch_size=c.patch_size_by_image_size[str(self.data_info.image_size)])
         self._check_model_fits_data()
         method = get_method(c.method)
         torch.manual_seed(c.seed)  # identical initial weights on every rank
