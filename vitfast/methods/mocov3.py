@@ -48,14 +48,36 @@ class MoCoV3(TwoViewMethod):
     presets = {
         # SimCLR's quick values (simclr.QUICK: encoder, training, views), heads 256 wide.
         "quick": dict(QUICK, temperature=0.2, momentum=0.99, proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256),
-        # docs/methods.md §7.2 / §3.2, MoCo v3's ViT recipe (Chen et al. 2021, App. and the released main_moco.py):
-        # AdamW, lr 1.5e-4·batch/256, weight decay 0.1, 40 warm-up epochs, 300 epochs, batch 4096, tau 0.2,
-        # momentum 0.99 -> 1 (cosine), projector 4096/256 (3 layers), predictor 4096 (2 layers), random patch
-        # projection, CLS pooling, crops (0.08, 1). The encoder is the small-data ViT on 32-px data.
+        # docs/methods.md §7.2 / §3.2 and the release, value by value (facebookresearch/moco-v3: CONFIG.md's ViT
+        # commands and published models, main_moco.py, moco/builder.py, vits.py, main_lincls.py): AdamW (β 0.9,
+        # 0.999), lr 1.5e-4·batch/256, wd 0.1, 40 warm-up epochs then a half-cosine to 0 per step, 300 epochs, batch
+        # 4096 (the published ViT models), τ 0.2 with the loss times 2τ, momentum 0.99 -> 1 on a per-step cosine
+        # (--moco-m-cos), projector 3 layers 4096/256 and predictor 2 layers 4096 (BN after every bias-free Linear,
+        # the last BN without affine), frozen random patch projection (--stop-grad-conv1), CLS pooling, crops
+        # (0.08, 1) (--crop-min's default: the ViT commands keep it), flips, no drop-path, no gradient clipping; the
+        # linear probe trains 90 epochs (main_lincls.py). Deliberate differences (official: value (file), why):
+        # - encoder: official ViT-S/16, 384 wide x 12 blocks x 12 heads, MLP 4, on 224-px images (vits.py); here
+        #   the small-data ViT (192 x 9, 12 heads, MLP 2, patch 4) on 32-px data: a /16 patch would leave 2x2 tokens.
+        # - views: official BYOL's asymmetric pair, jitter (0.4, 0.4, 0.2, 0.1), blur p 1.0 / 0.1, solarize
+        #   p 0 / 0.2 (main_moco.py augmentation1/2); here SimCLR's symmetric views, jitter strength 0.5 =
+        #   (0.4, 0.4, 0.4, 0.1), no blur or solarize: TwoViewMethod.build_views has no setting for them (new code).
+        # - weight decay: official on every parameter, biases, norms and cls_token included
+        #   (main_moco.py: AdamW(model.parameters())); here not on biases, norms and tokens (Method.param_groups;
+        #   a switch like MAE's decay_tokens would be new code).
+        # - precision: official fp16 autocast + GradScaler (main_moco.py); fp32 here as in every preset (runs on
+        #   CPU; pass --precision bf16 on a GPU).
+        # - BatchNorm of the heads: official SyncBatchNorm over all processes (main_moco.py); here per process
+        #   (identical on one process).
+        # - init: official Xavier-uniform with Q, K and V bounded separately (vits.py); here on the joint qkv weight.
+        # - warm-up: official lr·t/warmup from 0 at the first step (main_moco.py adjust_learning_rate); the shared
+        #   engine's lr·(step+1)/warmup runs one step ahead.
+        # - linear probe: official SGD lr 3·1024/256, batch 1024, no BN, cosine per epoch (main_lincls.py, CONFIG.md);
+        #   here the shared protocol of docs/methods.md §8.2 (BN without affine, an lr grid selected on validation)
+        #   so that every method is probed alike; only its length, 90 epochs, is the release's.
         "paper": dict(model="small_data", epochs=300, batch_size=4096, base_lr=1.5e-4, warmup_epochs=40,
                       weight_decay=0.1, betas=(0.9, 0.999), global_pool="token", temperature=0.2, momentum=0.99,
                       proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096, random_patch_projection=True,
-                      min_crop_scale=0.08, jitter_strength=0.5),
+                      min_crop_scale=0.08, jitter_strength=0.5, flip=True, probe_epochs=90),
     }
 
     def __init__(self, config, data: DataInfo):
