@@ -114,14 +114,32 @@ class SimCLR(TwoViewMethod):
     Config = SimCLRConfig
     presets = {
         "quick": dict(QUICK, temperature=0.2, proj_hidden_dim=256, proj_dim=64),
-        # docs/methods.md §7.1 and SimCLR's released CIFAR-10 command (google-research/simclr README): batch 512,
-        # 1000 epochs, temperature 0.5, colour-jitter strength 0.5, no blur, crops (0.08, 1), 10 warm-up epochs,
-        # cosine, projection head 2-layer MLP to 128. Optimizer: vitfast has no LARS (SimCLR's choice, for
-        # ResNets); we train the ViT with AdamW as MoCo v3 trains its ViTs (Chen et al. 2021): lr 1.5e-4·batch/256,
-        # weight decay 0.1.
+        # docs/methods.md §7.1: SimCLR's released CIFAR-10 recipe (google-research/simclr: README.md's pretraining
+        # and linear-eval commands, run.py, model_util.py, data_util.py) on a ViT, value by value: batch 512, 1000
+        # epochs, 10 warm-up epochs (run.py's default) then a cosine to 0 per step, temperature 0.5 on normalised
+        # projections, projection to 128 with hidden width = the encoder's, crops (0.08, 1) with aspect (3/4, 4/3),
+        # flips, colour jitter of strength 0.5 = (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, no blur
+        # (--use_blur=False), weight decay not on biases and norms; the linear eval trains 100 epochs.
+        # Deliberate differences (official: value (file), why):
+        # - encoder: official ResNet-18 (README.md --resnet_depth=18); here the small-data ViT (192 x 9, patch 4,
+        #   CLS pooling) on 32-px data: vitfast trains ViTs (SimCLR in the ViT form the MoCo v3 paper compares).
+        # - optimizer: official LARS, momentum 0.9, lr 1.0·512/256 = 2.0, wd 1e-4 (README.md; 1e-6 in the first
+        #   release's README) (run.py, lars_optimizer.py); here AdamW lr 1.5e-4·batch/256, wd 0.1, MoCo v3's released
+        #   ViT optimizer (facebookresearch/moco-v3 CONFIG.md): vitfast has no LARS (new code), and the MoCo v3
+        #   paper's SimCLR-ViT baseline has no released script (its lr / wd search is only reported in the paper).
+        # - projection head: official Linear(D, D) + BN + ReLU, Linear(D, 128) + BN (model_util.py projection_head;
+        #   run.py's SimCLRv2 default num_proj_layers=3 adds a third such layer); here SimCLR v1's paper head,
+        #   2 layers with biases and no BN (nn/heads.py "simclr"): a BN option would be new code.
+        # - patch projection: the MoCo v3 paper's framework comparison also freezes SimCLR's random patch
+        #   projection; SimCLR here trains it (no setting: new code; MoCo v3's random_patch_projection is one).
+        # - warm-up: official lr·step/warmup from 0 at the first step (model_util.py learning_rate_schedule); the
+        #   shared engine's lr·(step+1)/warmup runs one step ahead.
+        # - linear eval: official SGD momentum, lr 0.1·512/256, wd 0, batch 512, no warm-up (README.md); here the
+        #   shared protocol of docs/methods.md §8.2 (BN without affine, an lr grid selected on validation) so that
+        #   every method is probed alike; only its length, 100 epochs, is the release's.
         "paper": dict(model="small_data", epochs=1000, batch_size=512, base_lr=1.5e-4, warmup_epochs=10,
-                      weight_decay=0.1, temperature=0.5, proj_hidden_dim=0, proj_dim=128, min_crop_scale=0.08,
-                      jitter_strength=0.5),
+                      weight_decay=0.1, betas=(0.9, 0.999), global_pool="token", temperature=0.5, proj_hidden_dim=0,
+                      proj_dim=128, min_crop_scale=0.08, jitter_strength=0.5, flip=True, probe_epochs=100),
     }
 
     def __init__(self, config, data: DataInfo):
