@@ -54,11 +54,27 @@ class DILEMMA(TwoViewMethod):
         # (crops (0.3, 1), flips) 40 epochs of batch 128 gave 84.1 %, 80 of batch 64 93.9 %.
         "quick": dict(MoCoV3.presets["quick"], epochs=80, batch_size=64, mask_ratio=0.5, corrupt_probability=0.2,
                       detection_weight=1.0),
-        # docs/methods.md §3.2: MoCo v3's ViT recipe (its paper preset: small-data ViT on 32-px data, AdamW
-        # 1.5e-4·batch/256, wd 0.1, 300 epochs, batch 4096, τ 0.2, momentum 0.99 -> 1, projector 4096/256,
-        # predictor 4096) with the sparsity and corruption of DILEMMA: mask ratio 0.75 (the paper's largest; it
-        # uses less for smaller models), p = 0.2, λ = 1.
-        "paper": dict(MoCoV3.presets["paper"], mask_ratio=0.75, corrupt_probability=0.2, detection_weight=1.0),
+        # docs/methods.md §3.2 and the release (Separius/DILEMMA, a fork of facebookresearch/moco-v3: README.md,
+        # main_moco.py, moco/builder.py, vits.py), value by value: MoCo v3's paper preset (its main_moco.py is
+        # unchanged: lr 1.5e-4·batch/256, wd 0.1, 40 warm-up epochs, 300 epochs, τ 0.2, momentum 0.99 -> 1,
+        # heads 4096/256, views and crops) with the README's one command, batch 1024 (MoCo v3's published models
+        # use 4096), sparsity --token_drop_rate 0.75 (the README's example; "bigger models can have larger
+        # sparsities"), --dilemma_probability 0.2 ("always good"), --dilemma_lambda 1 (its default); the loss is
+        # InfoNCE terms + λ·(BCE¹ + BCE²)/2 (builder.py). The release ships no linear-eval script: the probe is
+        # MoCo v3's length (90 epochs). Deliberate differences (official: value (file), why), besides MoCo v3's
+        # (see its paper preset: views, weight decay on every parameter, fp16, SyncBatchNorm, qkv init, warm-up):
+        # - wrong positions and sparsity: the release's forward_features never passes the kept and the corrupted
+        #   positions on (a dense ViT is trained) and its _pos_embed gathers the table with a batch-1 index
+        #   (vits.py); call_encoder compares the kept length with the channel count (builder.py): vitfast does what
+        #   the paper describes (docs/methods.md §3.3).
+        # - encoder: official ViT-S/16 with 6 heads (DeiT's) and a learned position embedding, none on CLS
+        #   (vits.py); here the small-data ViT (192 x 9, 12 heads, patch 4) on 32-px data with MoCo v3's fixed
+        #   sin-cos table (zero on CLS): TwoViewMethod builds that table for the mocov3 base (new code otherwise).
+        # - patch projection: the command passes --stop-grad-conv1, but vits.py hands it to timm's
+        #   VisionTransformer, which has no such argument, and nothing freezes the patch embedding; here it is
+        #   frozen as the command asks (random_patch_projection, MoCo v3's --stop-grad-conv1).
+        "paper": dict(MoCoV3.presets["paper"], batch_size=1024, mask_ratio=0.75, corrupt_probability=0.2,
+                      detection_weight=1.0),
     }
 
     def __new__(cls, config, data: DataInfo):
