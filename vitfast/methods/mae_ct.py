@@ -76,11 +76,17 @@ def _stages(mae_preset: Dict, head: Dict, ct: Dict) -> Tuple[Dict, Dict]:
 _QUICK_SHARED, _QUICK_STAGES = _stages(MAE.presets["quick"],
                                        head=dict(epochs=10, batch_size=64, lr=1e-3, warmup_epochs=2, topk=1),
                                        ct=dict(epochs=40, batch_size=64, lr=1e-3, warmup_epochs=4, topk=20))
-# paper: the released ViT-B/16 stage-2 and stage-3 yamls: batch 1024, base lr 1e-4·batch/256, 20 epochs each with 20 %
-# warm-up then cosine.
+# paper: the released ViT-B/16 stage-2 and stage-3 yamls (yamls/stage2_maect_prepare_head/base16.yaml,
+# yamls/stage3_maect_contrastive_tuning/base16.yaml): effective_batch_size 1024, max_epochs 20 each, lr 1e-4 with a
+# linear warm-up over 20 % of the updates (end_percent: 20, here 4 of 20 epochs) then a cosine to 0. base_lr 2e-4
+# (peak 8e-4 at batch 1024): the release's yaml says lr 1e-4, but its trainer scales the lr by the number of *views*
+# times the batch / 256 (trainers/base/trainer_base.py initialize_model: a multi_crop_wrapper with 2 views gives
+# lr_scaler_factor 2 x 1024; optimizers/lr_scalers/linear_lr_scaler.py: lr x factor / 256), so its peak lr is
+# 1e-4 x 2048 / 256 = 8e-4 in both stages; vitfast scales by the images of the batch, hence base_lr 2e-4.
+# Stage 2 looks up the plain nearest neighbour (nnclr_head, topk 0 = arg-max: topk 1 here), stage 3 the top 20.
 _PAPER_SHARED, _PAPER_STAGES = _stages(MAE.presets["paper"],
-                                       head=dict(epochs=20, batch_size=1024, base_lr=1e-4, warmup_epochs=4, topk=1),
-                                       ct=dict(epochs=20, batch_size=1024, base_lr=1e-4, warmup_epochs=4, topk=20))
+                                       head=dict(epochs=20, batch_size=1024, base_lr=2e-4, warmup_epochs=4, topk=1),
+                                       ct=dict(epochs=20, batch_size=1024, base_lr=2e-4, warmup_epochs=4, topk=20))
 
 
 class MAECT(Method):
@@ -95,13 +101,23 @@ class MAECT(Method):
         "quick": dict(_QUICK_SHARED, temperature=0.15, queue_size=1024, proj_hidden_dim=256, proj_dim=64,
                       pred_hidden_dim=256, min_crop_scale=0.5, flip=False, encoder_momentum=0.99,
                       stage_overrides=_QUICK_STAGES),
-        # docs/methods.md §6 and the released ViT-B/16 yamls (stage2_maect_prepare_head, stage3_maect_contrastive_
-        # tuning): AdamW β (0.9, 0.95), batch 1024, base lr 1e-4·batch/256 for both stages with 20 % warm-up then
-        # cosine, 20 + 20 epochs, encoder wd 0.05, head wd 1e-5, τ 0.15, queue 65536, heads 2048 / 256 / 4096, EMA
-        # 0.99 (projector) and 0.9999 (encoder), views: random-resized crop (0.08, 1) + flip only, mean-pooled patch
-        # tokens (ViT-B's; MAE's paper preset probes the CLS token, so its evaluation here uses the mean too).
-        # Differences: stage 1 is MAE's paper preset (the small-data ViT on 32-px data, not ViT-B/16 at 224 px);
-        # fp32 unless --precision bf16 (the release trains in bf16).
+        # docs/methods.md §6 and ml-jku/MAE-CT's ViT-B/16 yamls (yamls/stage2_maect_prepare_head/base16.yaml,
+        # yamls/stage3_maect_contrastive_tuning/base16.yaml), value by value: AdamW β (0.9, 0.95); batch 1024; peak lr
+        # 8e-4 (base_lr 2e-4 per 256 images: see _PAPER_STAGES) in both stages, 20 % warm-up then cosine to 0; 20 + 20
+        # epochs; encoder wd 0.05 (biases and norms excluded, optimizer_wrapper.py); head wd 1e-5; nnclr τ 0.15,
+        # queue 65536, proj_hidden_dim 2048, output_dim 256, pred_hidden_dim 4096; stage 3: target_factor 0.99 (key
+        # projector), layerwise_lr_decay 0.65 (block i at 0.65^(depth − i), the final norm at 1), blocks 0-5 of 12
+        # frozen (with patch embedding and CLS: vit_block_freezer.py, freeze_stem_if_block0_is_frozen), the encoder's
+        # ema_logger 0.9999; views: random-resized crop (0.08, 1) + flip (n_views 2); pooling mean_patch; no
+        # drop-path (vit_mae.py default 0). Deliberate differences, with the reason:
+        # - stage 1 is MAE's paper preset on the small-data ViT (patch 4, 32-px data), not ViT-B/16 at 224 px, and
+        #   every stage pools the mean of the patch tokens as the release's ViT-B (MAE's own preset probes CLS);
+        # - fp32 unless --precision bf16 (official: precision bfloat16 in both yamls);
+        # - the queue starts from the head stage's and, while not full, the lookup also searches the current batch
+        #   (official: random unit vectors, contrastive_head_base.py; docs §6.4: a deterministic start);
+        # - the release's schedules skip their end points (exclude_first / exclude_last, schedules/base/
+        #   basic_schedule.py: the warm-up never sits at 0, the cosine never reaches 0); vitfast's per-step schedule
+        #   (engine.lr_at) differs from it by about one step.
         "paper": dict(_PAPER_SHARED, global_pool="avg", temperature=0.15, queue_size=65536, proj_hidden_dim=2048,
                       proj_dim=256, pred_hidden_dim=4096, head_weight_decay=1e-5, layer_decay=0.65,
                       projector_momentum=0.99, encoder_momentum=0.9999, min_crop_scale=0.08, flip=True,
