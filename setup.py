@@ -96,7 +96,7 @@ setup(
         "tqdm",          # progress bars
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "ninja", "pybind11"],
+        "dev": ["pytest", "hypothesis", "ninja", "pybind11", "timm"],
         "xformers": ["xformers"],
     },
 )

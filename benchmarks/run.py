@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import time
 
@@ -32,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 from vitfast.gpu_check import checks  # noqa: E402
+from vitfast.machine import describe  # noqa: E402
 from vitfast.gpu_check.cases import CASES  # noqa: E402
 from nn_topk_bench import BENCH_CASES, LABELS  # noqa: E402  (benchmarks/: the script's folder)
 
@@ -44,21 +44,8 @@ COLUMNS = ["op", "shape", "dtype", "implementation", "device", "min_ms", "median
            "torch_threads", "date_utc", "note"]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {os.cpu_count()} cores"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else describe()
 
 
 def gemm_row(device: torch.device, rounds: int = 10) -> dict:

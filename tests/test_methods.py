@@ -62,10 +62,12 @@ def _cases():
     return [(name, stage) for name, cls in sorted(METHODS.items()) for stage in (cls.stages or (None,))]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("method,stage", _cases())
-def test_every_registered_method_takes_a_step(method, stage):
+def test_every_registered_method_takes_a_step(method, stage, precision):
     """One step of a 32-wide, 1-block model on random uint8 images: a finite loss, float metrics, gradients for
-    every parameter the optimizer gets, and parameter groups that hold each trainable parameter exactly once."""
+    every parameter the optimizer gets, and parameter groups that hold each trainable parameter exactly once. Under
+    bf16 autocast (--precision bf16) the loss, the weights and their gradients stay fp32."""
     from vitfast.methods import get_method
     cls = get_method(method)
     own = {f.name for f in dataclasses.fields(cls.Config)}
@@ -74,12 +76,14 @@ def test_every_registered_method_takes_a_step(method, stage):
     torch.manual_seed(0)
     model = cls(config, DATA)
     images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-    loss, metrics = model(images, torch.arange(4) % 10, torch.arange(4), torch.Generator().manual_seed(0))
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, metrics = model(images, torch.arange(4) % 10, torch.arange(4), torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(isinstance(v, float) for v in metrics.values())
     loss.backward()
     grouped = [p for group in model.param_groups() for p in group["params"]]
     assert len({id(p) for p in grouped}) == len(grouped)
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters() if p.requires_grad}
     assert any(p.grad is not None for p in grouped)
+    assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32) for p in grouped)
     assert model.features(torch.randn(2, 1, 32, 32)).shape[0] == 2

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vitfast.config import UserError, build_config
+from vitfast.config import UserError, build_config, stage_config
 from vitfast.data import load_splits
 from vitfast.engine import Trainer
 from vitfast.methods import get_method
@@ -36,8 +36,9 @@ def test_paper_presets_print_the_recipes(capsys):
 
 
 def test_relvit_lr_follows_the_released_schedule_and_drop_path_is_on():
-    config = build_config("relvit", "paper", stage="upstream", model="tiny", image_size=None, batch_size=64,
-                          accum_steps=1, **TINY)
+    config = stage_config(build_config("relvit", "paper", stage="upstream", model="tiny", image_size=None,
+                                       batch_size=64, accum_steps=1, **TINY), "upstream")  # as run() builds it
+    assert (config.epochs, config.warmup_epochs) == (100, 10)  # the stage's own values, not the run's defaults
     trainer = Trainer(config)
     total, peak = trainer.total_steps, trainer.peak_lr
     warmup = config.warmup_epochs * trainer.steps_per_epoch

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from vitfast.config import build_config
-from vitfast.engine import Trainer, _stage_config
+from vitfast.config import build_config, stage_config
+from vitfast.engine import Trainer
 from vitfast.methods.supervised import PAPER_RECIPE
 from vitfast.nn.vit import DropPath
 from vitfast.train import main
@@ -38,7 +38,7 @@ def pick(values, *keys):
 
 def trainer(method, stage, **overrides):
     """The stage's Trainer as ``run`` builds it (the paper preset's per-stage values, then ``overrides``)."""
-    return Trainer(_stage_config(build_config(method, "paper", stage=stage, **{**TINY, **overrides}), stage))
+    return Trainer(stage_config(build_config(method, "paper", stage=stage, **{**TINY, **overrides}), stage))
 
 
 # ------------------------------------------------------------------------------------------------- small-data DINO

@@ -201,7 +201,8 @@ def test_presets_resolve_as_before_the_settings_moved():
 # paper presets made the papers' recipes; tests/test_recipes.py pins them through the code that uses them).
 NEW_FIELDS = {"val_fraction": TrainConfig.val_fraction, "accum_steps": TrainConfig.accum_steps,
               "lr_schedule": TrainConfig.lr_schedule, "crop_padding": 4, "repeated_augmentation": 1, "mix_prob": 1.0,
-              "autoaugment_policy": "auto", "decay_tokens": False, "patch_size_by_image_size": {}}
+              "autoaugment_policy": "auto", "decay_tokens": False, "patch_size_by_image_size": {},
+              "compile": False}
 RECIPE_CHANGES = {
     "mae/paper": dict(batch_size=4096, accum_steps=16, global_pool="token", decay_tokens=True),
     "mae/quick": dict(decay_tokens=True),

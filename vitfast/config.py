@@ -101,6 +101,7 @@ class TrainConfig:
     metrics: str = "knn,linear,clustering"  # final representation metrics ("" = none)
     # run
     precision: str = "fp32"                # fp32 | bf16 | fp16
+    compile: bool = False                  # torch.compile every transformer block (encoder, decoder, teacher)
     seed: int = 0
     device: str = "auto"
     out: Optional[str] = None
@@ -271,6 +272,11 @@ def build_config(method: str, preset: str = "quick", **overrides: Any) -> TrainC
     if cls.stages and not values.get("stage"):
         _budget_epochs(cls, values, cls.presets[preset], given.get("epochs"))
     return config_from_values(method, values)
+
+
+def stage_config(config: "TrainConfig", name: str, **changes: Any) -> "TrainConfig":
+    """The config of one stage: the run's values, the preset's per-stage values, then ``changes``."""
+    return config.replace(**{**config.stage_overrides.get(name, {}), **changes})
 
 
 def with_total_epochs(config: "TrainConfig", total: int) -> "TrainConfig":

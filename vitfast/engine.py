@@ -29,11 +29,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, stage_config
 from .data import augment, load_splits
 from .data.loader import BatchLoader
 from .distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown
+from .machine import cpu_bf16_hardware, cpu_model
 from .methods import DataInfo, Method, get_method
+from .nn.vit import Block
 
 CHECKPOINT = "checkpoint-last.pt"
 FORMAT = 2  # 2: the method's encoder_state_dict() under "encoder" (format 1 had none; checkpoint.py reads both)
@@ -81,11 +83,6 @@ def _clear_run(folder: str) -> None:
             os.rmdir(where)
 
 
-def _stage_config(config: TrainConfig, name: str, **changes) -> TrainConfig:
-    """The config of one stage: the run's values, the preset's per-stage values, then ``changes``."""
-    return config.replace(**{**config.stage_overrides.get(name, {}), **changes})
-
-
 def run(config: TrainConfig, overwrite: bool = False) -> Dict:
     """Train a method: one Trainer, or for multi-stage methods one per stage in ``<out>/<stage>``.
 
@@ -121,7 +118,7 @@ def _run_stages(config: TrainConfig, method, clear) -> Dict:
             if not os.path.isfile(os.path.join(init, CHECKPOINT)):
                 raise UserError(f"stage {config.stage} starts from the {source} stage: pass --init RUN_DIR "
                                 f"(looked for {init})")
-        trainer = Trainer(_stage_config(config, config.stage, init=init, resume=config.resume))
+        trainer = Trainer(stage_config(config, config.stage, init=init, resume=config.resume))
         clear()
         return trainer.fit()
     if not method.stages:
@@ -130,7 +127,7 @@ def _run_stages(config: TrainConfig, method, clear) -> Dict:
         return trainer.fit()
     root = config.out
     for stage in method.stages:  # every stage's values are valid before anything starts
-        _stage_config(config, stage)
+        stage_config(config, stage)
     is_main = int(os.environ.get("RANK", "0")) == 0
     summaries = {}
     for stage in method.stages:
@@ -143,7 +140,7 @@ def _run_stages(config: TrainConfig, method, clear) -> Dict:
         source = method.stage_init.get(stage)
         init = os.path.join(root, source) if source else (config.init if stage == method.stages[0] else None)
         resume = config.resume and os.path.isfile(os.path.join(out, CHECKPOINT))
-        trainer = Trainer(_stage_config(config, stage, stage=stage, out=out, init=init, resume=resume))
+        trainer = Trainer(stage_config(config, stage, stage=stage, out=out, init=init, resume=resume))
         if not config.resume and is_main and not os.path.isfile(os.path.join(root, "config.json")):
             clear()  # the first stage has set up: now the folder may change
             os.makedirs(root, exist_ok=True)
@@ -219,6 +216,9 @@ class Trainer:
         torch.manual_seed(c.seed)  # identical initial weights on every rank
         self.method = method(c, self.data_info).to(self.device)
         self.rank_batch = self._rank_batch(self.method)  # the method (or its stage) says whether it accumulates
+        if c.compile:  # block by block: the methods' augmentation and fused ops stay outside the compiled graphs
+            for block in (m for m in self.method.modules() if isinstance(m, Block)):
+                block.compile()
         if c.init:
             self._load_init(c.init)
         self.model = (DistributedDataParallel(self.method, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -277,6 +277,10 @@ class Trainer:
         if c.warmup_epochs >= c.epochs:
             self._log(f"warning: the warm-up ({c.warmup_epochs:g} epochs) is as long as the run ({c.epochs} epochs): "
                       f"the learning rate never decays")
+        if c.precision == "bf16" and self.device.type == "cpu" and cpu_bf16_hardware() is None:
+            self._log(f"warning: --precision bf16 on a CPU without bf16 instructions ({cpu_model()}: no AVX-512 BF16 or "
+                      f"AMX) is emulated and slow (measured on a 2-core AMD EPYC with AVX2: a bf16 matmul ran ~200x "
+                      f"slower than fp32); use fp32 on this machine")
         if c.precision == "fp16" and self.device.type == "cpu":
             self._log("warning: --precision fp16 on CPU is slow (measured ~7x slower than fp32 on this project's "
                       "machines); use fp32 or bf16")

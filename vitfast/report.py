@@ -21,14 +21,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
+from .machine import describe
 from .methods import METHODS
 
 COLUMNS = (  # (key in a run's numbers, table heading)
@@ -75,23 +74,6 @@ def mean_std(values: List[float], scale: float = 1.0, digits: int = 1) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
-
-
-def machine() -> str:
-    """The CPU (model, cores, the vector/matrix extensions that matter for fp32/bf16) and the GPU when present."""
-    import torch  # noqa: PLC0415 (the CLI answers --help without loading torch)
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        model = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
-        flags = set(re.search(r"flags\s*:\s*(.+)", text).group(1).split())
-    except (OSError, AttributeError):
-        pass
-    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"),
-                                   ("AMX", "amx_bf16")) if flag in flags]
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{model}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX2'}){gpu}, torch {torch.__version__}"
 
 
 def _git_commit() -> str:
@@ -202,11 +184,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 130
     text = (f"{table(records, methods)}\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-            f"UTC on {machine()}; vitfast {_git_commit()}; `{command.strip()}` (preset `{args.preset}`, dataset "
+            f"UTC on {describe()}; vitfast {_git_commit()}; `{command.strip()}` (preset `{args.preset}`, dataset "
             f"`{args.dataset}`, seeds {' '.join(map(str, args.seeds))}; runs one after the other).")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(records=records, failed=failed, machine=machine()), f, indent=2)
+        json.dump(dict(records=records, failed=failed, machine=describe()), f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     if args.readme:

@@ -19,7 +19,8 @@ import traceback
 from typing import Dict, List
 
 from .checkpoint import CheckpointError
-from .config import TrainConfig, UserError, build_config, config_from_dict, parse_value, with_total_epochs
+from .config import (TrainConfig, UserError, build_config, config_from_dict, parse_value, stage_config,
+                     with_total_epochs)
 from .data.datasets import DatasetCorruptedError, DatasetNotFoundError
 from .methods import METHODS
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start over in an --out that holds a run (its run files are deleted once the new run "
                           "has started)")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="mixed precision (default fp32)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile every transformer block (first steps slower while it compiles; measured "
+                          "per method in the README)")
     run.add_argument("--device", help="auto (default: cuda when present), cpu, cuda, cuda:1")
     run.add_argument("--seed", type=int)
     run.add_argument("--max-steps", type=int, help="stop after this many steps, with a checkpoint")
@@ -116,7 +120,7 @@ def _overrides(args: argparse.Namespace) -> Dict:
         "image_size": args.image_size, "val_fraction": args.val_fraction, "accum_steps": args.accum_steps,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
         "model": args.model, "patch_size": args.patch_size, "init": args.init,
-        "out": args.out, "precision": args.precision, "device": args.device,
+        "out": args.out, "precision": args.precision, "compile": args.compile or None, "device": args.device,
         "seed": args.seed, "max_steps": args.max_steps, "progress": False if args.no_progress else None,
         **{name: getattr(args, name) for name in _settings()},
     }
@@ -184,8 +188,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.print_config:
-            print(config.to_json())
+        if args.print_config:  # with --stage: the values that stage runs with
+            print((stage_config(config, config.stage) if config.stage else config).to_json())
             return 0
         from .engine import Interrupted, run  # torch and the data stack load only when training
         try:

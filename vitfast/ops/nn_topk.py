@@ -109,13 +109,18 @@ def nn_topk(queries: Tensor, queue: Tensor, *, k: int, queue_ids: Optional[Tenso
     else:
         query_ids = torch.full((queries.shape[0],), _NO_ID, dtype=torch.int64, device=device)
         queue_ids = torch.zeros(queue.shape[0], dtype=torch.int64, device=device)
-        eligible = torch.full_like(query_ids, queue.shape[0])
+        eligible = None  # every entry is eligible: the check needs no tensor
     if queries.shape[0] > 0 and not torch.compiler.is_compiling():
-        fewest = int(eligible.min())
-        if fewest < k:
-            row = int(eligible.argmin())
-            check.fail(f"query {row} has {fewest} queue entries not carrying its own id, fewer than k = {k} "
-                       f"(queue of {queue.shape[0]})")
+        if eligible is not None and device.type != "cpu":
+            # No host sync on accelerators: an asynchronous device assert (the error surfaces at the next sync).
+            torch._assert_async((eligible >= k).all(), f"vitfast.ops.nn_topk: a query has fewer than k = {k} queue "
+                                                       f"entries not carrying its own id (queue of {queue.shape[0]})")
+        else:
+            fewest = queue.shape[0] if eligible is None else int(eligible.min())
+            if fewest < k:
+                row = 0 if eligible is None else int(eligible.argmin())
+                check.fail(f"query {row} has {fewest} queue entries not carrying its own id, fewer than k = {k} "
+                           f"(queue of {queue.shape[0]})")
 
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
