@@ -115,3 +115,10 @@ def test_relvit_paper_patch_follows_the_image_size_unless_given(image_size, give
     trainer = Trainer(config)
     assert trainer.config.patch_size == trainer.method.model.patch_size == expected
     assert json.loads(trainer.config.to_json())["patch_size"] == expected  # what config.json will say
+
+
+def test_print_config_with_a_stage_shows_the_values_that_stage_runs_with(capsys):
+    assert main(["--method", "relvit", "--preset", "paper", "--stage", "finetune", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])
+    assert (printed["stage"], printed["epochs"], printed["warmup_epochs"]) == ("finetune", 100, 10)
