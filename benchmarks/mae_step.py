@@ -20,31 +20,15 @@ import torch
 from vitfast import ops
 from vitfast.gpu_check import measure
 
-BATCH, CHANNELS, SIZE, MASK_RATIO = 256, 3, 32, 0.75
+BATCH, SIZE, MASK_RATIO = 256, 32, 0.75
 SHAPE = "B256 32px p4 r0.75, small_data ViT 192x9x12h mlp2, decoder 128x2x4h"
 
 
 def make_step(device: torch.device):
-    from vitfast.config import build_config
-    from vitfast.methods import MAE, DataInfo
-    data = DataInfo(channels=CHANNELS, image_size=SIZE, num_classes=10,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))  # CIFAR-10 statistics
-    config = build_config("mae", "paper", batch_size=BATCH, mask_ratio=MASK_RATIO, decoder_dim=128,
-                          decoder_depth=2, decoder_heads=4, precision="fp32")
-    torch.manual_seed(0)  # identical initial weights in every row
-    method = MAE(config, data).to(device).train()
-    optimizer = torch.optim.AdamW(method.param_groups(), lr=config.base_lr * BATCH / 256, betas=config.betas)
-    gen = torch.Generator(device=device).manual_seed(0)
-    images = torch.randint(0, 256, (BATCH, CHANNELS, SIZE, SIZE), dtype=torch.uint8, device=device, generator=gen)
-    labels, indices = torch.zeros(BATCH, dtype=torch.int64, device=device), torch.arange(BATCH, device=device)
-
-    def step():
-        loss, _ = method(images, labels, indices, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    """The vitfast MAE step of benchmarks/train_step.py at this file's shape (its rows differ only in the backend)."""
+    from train_step import SMALL_DATA_VIT, vitfast_step
+    return vitfast_step("mae", "", SIZE, BATCH, SMALL_DATA_VIT, "fp32", None, device, mask_ratio=MASK_RATIO,
+                        decoder_dim=128, decoder_depth=2, decoder_heads=4)
 
 
 def time_mae_step(device: torch.device, rounds: int) -> list:

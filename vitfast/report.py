@@ -183,12 +183,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"interrupted; finished runs are kept in {args.out}/runs: run the same command to continue",
               file=sys.stderr)
         return 130
+    machine = describe()
     text = (f"{table(records, methods)}\n\nMeasured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-            f"UTC on {describe()}; vitfast {_git_commit()}; `{command.strip()}` (preset `{args.preset}`, dataset "
+            f"UTC on {machine}; vitfast {_git_commit()}; `{command.strip()}` (preset `{args.preset}`, dataset "
             f"`{args.dataset}`, seeds {' '.join(map(str, args.seeds))}; runs one after the other).")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(records=records, failed=failed, machine=describe()), f, indent=2)
+        json.dump(dict(records=records, failed=failed, machine=machine), f, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     if args.readme:
