@@ -82,4 +82,11 @@ TORCH_LIBRARY(vitfast_C, m) {
   // -> (values [B,k] accumulation dtype, indices [B,k] int64): each query's k most similar entries whose id differs
   // from its own, similarity descending, ties by the lower queue index. No [B,Q] similarities stored.
   m.def("nn_topk(Tensor queries, Tensor queue, Tensor query_ids, Tensor queue_ids, int k) -> (Tensor, Tensor)");
+
+  // self_attention (vitfast/ops/self_attention.py): qkv [B,N,3*H*d] contiguous, the qkv projection's output packed as
+  // [B,N,3,H,d] -> (out [B,N,H*d] in qkv's dtype = softmax(q k^T scale) v per head, heads side by side; lse [B,H,N] in
+  // the accumulation dtype). No [B,H,N,N] tensor stored.
+  m.def("self_attention_forward(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
+  // d_qkv [B,N,3*H*d] in qkv's dtype, the probabilities recomputed from qkv and lse.
+  m.def("self_attention_backward(Tensor grad_out, Tensor qkv, Tensor lse, int num_heads, float scale) -> Tensor");
 }

@@ -27,7 +27,7 @@ import torch
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 # A new op: add its name.
 OPS = ("contrastive_loss", "dino_loss", "masked_patch_embed", "masked_pixel_loss", "nn_topk", "relation_loss",
-       "relation_mlp_loss")
+       "relation_mlp_loss", "self_attention")
 KINDS = ("scalar", "tensor")
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 # band = FACTOR x measured. bf16 gets 2: its results' own rounding (up to 0.4 %, 0.8 % with a bf16 upstream gradient)
@@ -176,6 +176,14 @@ TOLERANCES = {
     ("relation_mlp_loss", "torch", F32, "tensor"): (2.8e-06, 7e-07),
     ("relation_mlp_loss", "torch", F16, "scalar"): (0.002, 1.2e-07),
     ("relation_mlp_loss", "torch", F16, "tensor"): (0.002, 0.0004),
+    ("self_attention", "cpu", F64, "tensor"): (1.2e-14, 2.9e-15),
+    ("self_attention", "cpu", F32, "tensor"): (6.8e-06, 1.7e-06),
+    ("self_attention", "cpu", F16, "tensor"): (0.002, 0.00039),
+    ("self_attention", "cpu", BF16, "tensor"): (0.0079, 0.0032),
+    ("self_attention", "torch", F64, "tensor"): (1.2e-14, 2.8e-15),
+    ("self_attention", "torch", F32, "tensor"): (6.8e-06, 1.7e-06),
+    ("self_attention", "torch", F16, "tensor"): (0.002, 0.00039),
+    ("self_attention", "torch", BF16, "tensor"): (0.0079, 0.0032),
 }
 # Rows copied from the cpu row, not measured (no GPU where the table was measured).
 UNMEASURED = {

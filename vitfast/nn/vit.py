@@ -28,9 +28,14 @@ Position embedding, `pos_embed_kind`:
 Other image sizes (DINO's local crops) need `dynamic_img_size=True`; the patch part of the table is
 then resampled (DINO's bicubic with its +0.1 quirk by default, `pos_embed_resample="mae"` for MAE's).
 
-Attention: `attn_impl="sdpa"` (F.scaled_dot_product_attention: FlashAttention-2 / memory-efficient
-kernels on GPU), `"xformers"` (xformers.ops.memory_efficient_attention, must be installed) or
-`"math"` (explicit softmax(QK^T/sqrt(d))V, the reference the others are tested against).
+Attention, `attn_impl`:
+- "auto" (default): vitfast.ops.self_attention (the fused CPU op: no head split / merge copies, fp32 GEMMs and
+  softmax for fp16 / bf16 storage) on CPU tensors with up to FUSED_MAX_TOKENS tokens and no attention dropout, where
+  it measured faster than SDPA (benchmarks/results, `python benchmarks/run.py --ops self_attention`); "sdpa" otherwise;
+- "sdpa": F.scaled_dot_product_attention (FlashAttention-2 / memory-efficient kernels on GPU);
+- "vitfast": vitfast.ops.self_attention always (attention dropout is not supported there: a ValueError);
+- "xformers": xformers.ops.memory_efficient_attention (must be installed);
+- "math": explicit softmax(QK^T/sqrt(d))V, the reference the others are tested against.
 
 Differences from timm kept on purpose: LayerNorm eps 1e-6 always (timm's ViT presets, MAE, DINO);
 `global_pool="avg"` averages the final-norm patch tokens (DINO's linear-probe pooling) where timm and
@@ -48,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitfast import ops
 from vitfast.ops._checks import describe as _describe
+from vitfast.ops.self_attention import BACKENDS as _SELF_ATTENTION
 from vitfast.nn.pos_embed import resample_pos_embed, sincos_2d_pos_embed, to_grid_size
 
 __all__ = ["ViT", "VIT_CONFIGS", "vit_config", "PatchEmbed", "Attention", "Mlp", "Block", "DropPath"]
@@ -55,7 +61,11 @@ __all__ = ["ViT", "VIT_CONFIGS", "vit_config", "PatchEmbed", "Attention", "Mlp",
 ImageSize = Union[int, Sequence[int]]
 
 POS_EMBED_KINDS = ("learned", "sincos", "none")
-ATTN_IMPLS = ("sdpa", "xformers", "math")
+ATTN_IMPLS = ("auto", "sdpa", "vitfast", "xformers", "math")
+# "auto" takes the fused CPU op up to this many tokens. Measured fwd + bwd against SDPA on a 2-core AMD EPYC (AVX2):
+# faster from N = 17 to 577 in fp32 (1.2-1.7x) and bf16 (2.6-3.4x), slower in fp32 from N ~ 1000 (whole score rows
+# per (b, h) leave the caches); benchmarks/results/ has the runs.
+FUSED_MAX_TOKENS = 640
 GLOBAL_POOLS = ("token", "avg")
 WEIGHT_INITS = ("timm", "mae")
 LAYER_NORM_EPS = 1e-6
@@ -149,7 +159,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -165,19 +175,33 @@ class Attention(nn.Module):
 
     def set_attn_impl(self, attn_impl: str) -> None:
         _check_choice("attn_impl", attn_impl, ATTN_IMPLS)
+        if attn_impl == "vitfast" and self.attn_drop > 0:
+            raise ValueError(f'attn_impl="vitfast" has no attention dropout, got attn_drop={self.attn_drop}; '
+                             'use "auto" or "sdpa"')
         self._xformers_attention = _load_xformers_attention() if attn_impl == "xformers" else None
+        self._fused_cpu_built = _SELF_ATTENTION.runs_on("cpu", torch.device("cpu"))  # vitfast._C has the kernel
         self.attn_impl = attn_impl
+
+    def uses_fused_op(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs vitfast.ops.self_attention (see the module doc's attn_impl)."""
+        if self.attn_impl == "vitfast":
+            return True
+        return (self.attn_impl == "auto" and x.device.type == "cpu" and x.shape[1] <= FUSED_MAX_TOKENS
+                and not (self.training and self.attn_drop > 0) and self._fused_cpu_built)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         dropout_p = self.attn_drop if self.training else 0.0
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x)
+        if self.uses_fused_op(x):  # [B, N, 3 D] -> [B, N, D], heads split and merged in place
+            return self.proj_drop(self.proj(ops.self_attention(qkv, self.num_heads, self.scale)))
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)
         if self.attn_impl == "xformers":
             q, k, v = qkv.unbind(2)  # xformers wants [B, N, heads, head_dim]
             out = self._xformers_attention(q, k, v, p=dropout_p, scale=self.scale).reshape(B, N, D)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, head_dim]
-            if self.attn_impl == "sdpa":
+            if self.attn_impl in ("auto", "sdpa"):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             else:
                 attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
@@ -216,7 +240,7 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -244,7 +268,7 @@ class ViT(nn.Module):
         global_pool: "token" (CLS) | "avg" (mean of final-norm patch tokens) for forward/forward_head.
         drop_path_rate: stochastic depth of the last block; block i gets rate * i / (depth - 1).
         attn_drop_rate, proj_drop_rate, pos_drop_rate, head_drop_rate: dropout, all 0 by default.
-        attn_impl: "sdpa" | "xformers" | "math".
+        attn_impl: "auto" | "sdpa" | "vitfast" | "xformers" | "math" (module docstring).
         dynamic_img_size: accept images of other sizes (multiples of p) by resampling the pos-embed.
         pos_embed_resample: "dino" | "mae", how that resampling is done (vitfast.nn.pos_embed).
         weight_init: "timm" (trunc-normal 0.02 Linear, as timm / DINO / Gani et al.) | "mae" (Xavier-uniform
@@ -271,7 +295,7 @@ class ViT(nn.Module):
         proj_drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         head_drop_rate: float = 0.0,
-        attn_impl: str = "sdpa",
+        attn_impl: str = "auto",
         dynamic_img_size: bool = False,
         pos_embed_resample: str = "dino",
         weight_init: str = "timm",

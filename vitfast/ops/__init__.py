@@ -11,6 +11,7 @@ from .masked_pixel_loss import MaskedPixelLoss, masked_pixel_loss, masked_pixel_
 from .masking import corrupt_positions, random_masking
 from .nn_topk import nn_topk, nn_topk_reference
 from .relation_loss import relation_logits, relation_loss, relation_loss_reference, relation_targets
+from .self_attention import self_attention, self_attention_reference
 from .relation_mlp_loss import relation_mlp_loss, relation_mlp_loss_reference, relation_mlp_outputs, relation_offsets
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "masked_pixel_loss", "masked_pixel_loss_reference", "MaskedPixelLoss",
     "relation_loss", "relation_loss_reference", "relation_logits", "relation_targets",
     "relation_mlp_loss", "relation_mlp_loss_reference", "relation_mlp_outputs", "relation_offsets",
+    "self_attention", "self_attention_reference",
     "random_masking", "corrupt_positions",
 ]
