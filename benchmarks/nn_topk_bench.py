@@ -45,5 +45,3 @@ NN_TOPK_BENCH = dataclasses.replace(
                                          query_ids=x["query_ids"], backend=backend)[1],
     reference=lambda x: matmul_masked_topk(*_args(x)),
 )
-
-BENCH_CASES = {"nn_topk": NN_TOPK_BENCH}  # ops whose benchmark rows are not gpu_check's case as it stands

@@ -5,12 +5,15 @@
     python benchmarks/run.py --mae-step                       # also one full MAE training step (benchmarks/mae_step.py)
     python benchmarks/run.py --dtypes fp32,bf16 --note "..."  # other dtypes; a note stored with every row
     python benchmarks/run.py --ops dino_loss,nn_topk          # the DINO loss and the feature-queue lookup
+    python benchmarks/run.py --ops self_attention --dtypes fp32,bf16   # the fused CPU attention vs SDPA
 
 Rows per (op, shape, dtype): ``vitfast-<backend>`` for every fused backend that runs here (``cpu`` on a CPU-only
 machine; ``triton`` and ``cuda`` on a GPU), ``eager reference`` (the op's plain-PyTorch spec, what users write
 today) and ``torch.compile(reference)``. The shapes and inputs are those of ``vitfast/gpu_check/cases.py``
 ("bench ..." shapes); a step is forward + backward with the gradients a training step needs (nn_topk, a lookup:
 forward only, its rows named in ``benchmarks/nn_topk_bench.py``: the public lookup vs matmul + masked_fill + topk).
+self_attention has no GPU backend and no gpu_check case: its case and rows (vs SDPA as timm calls it) are in
+``benchmarks/self_attention_bench.py``.
 
 Time: CUDA events on a GPU, perf_counter on the CPU (``vitfast/gpu_check/measure.py``); min and median over the
 rounds after warm-up. Memory: peak during one step above the step's floor (its inputs and their gradients, which
@@ -33,11 +36,16 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 from vitfast.gpu_check import checks  # noqa: E402
 from vitfast.machine import describe  # noqa: E402
 from vitfast.gpu_check.cases import CASES  # noqa: E402
-from nn_topk_bench import BENCH_CASES, LABELS  # noqa: E402  (benchmarks/: the script's folder)
+import nn_topk_bench  # noqa: E402  (benchmarks/: the script's folder)
+import self_attention_bench  # noqa: E402
+
+# Ops whose benchmark rows are not gpu_check's case as it stands, and the names of their two unfused rows.
+BENCH_CASES = {"nn_topk": nn_topk_bench.NN_TOPK_BENCH, "self_attention": self_attention_bench.SELF_ATTENTION_BENCH}
+LABELS = {"nn_topk": nn_topk_bench.LABELS, "self_attention": self_attention_bench.LABELS}
 
 # Rounds per op on the CPU (one step there takes 3 ms to 1 s); on a GPU every op gets GPU_ROUNDS.
 CPU_ROUNDS = {"masked_patch_embed": 30, "masked_pixel_loss": 50, "relation_loss": 8, "relation_mlp_loss": 5,
-              "contrastive_loss": 3, "dino_loss": 3, "nn_topk": 5}
+              "contrastive_loss": 3, "dino_loss": 3, "nn_topk": 5, "self_attention": 10}
 GPU_ROUNDS = 50
 COLUMNS = ["op", "shape", "dtype", "implementation", "device", "min_ms", "median_ms", "rounds", "median_vs_fused",
            "peak_above_floor_mib", "floor_mib", "peak_mib", "images_per_s", "gflops_at_median", "machine",
@@ -122,7 +130,7 @@ def write(rows: list, out: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ops", default=",".join(CASES), help="comma-separated ops")
+    parser.add_argument("--ops", default=",".join({**CASES, **BENCH_CASES}), help="comma-separated ops")
     parser.add_argument("--shapes", default="bench", help='the shapes whose name starts with this ("ragged": '
                         "gpu_check's small ones, to check the harness)")
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, tf32, fp16, bf16")
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
                 group = checks.time_case(case, shape, dtype, device, rounds, args.compile_backend)
                 if op in BENCH_CASES:
                     for row in group:
-                        row["implementation"] = LABELS.get(row["implementation"], row["implementation"])
+                        row["implementation"] = LABELS[op].get(row["implementation"], row["implementation"])
                 print(markdown(finish(group, device, args.note)), flush=True)
                 rows += group
     if args.mae_step:
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
     rows = finish(rows, device, args.note)
     out = args.out or os.path.join(HERE, "results", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{device.type}")
     write(rows, out)
-    print(markdown([r for r in rows if not r["op"].startswith(tuple(CASES))]))  # the MAE step and GEMM rows
+    print(markdown([r for r in rows if not r["op"].startswith(tuple({**CASES, **BENCH_CASES}))]))  # MAE step, GEMM
     print(f"\nmachine: {machine(device)}, torch threads {torch.get_num_threads()}; rows in {out}.csv and {out}.json")
     return 0
 

@@ -1,4 +1,5 @@
-"""benchmarks/run.py times dino_loss and nn_topk (its rows named by benchmarks/nn_topk_bench.py) and saves their rows
+"""benchmarks/run.py times dino_loss, nn_topk and self_attention (their rows named by benchmarks/nn_topk_bench.py and
+benchmarks/self_attention_bench.py) and saves their rows
 like the other ops': checked at gpu_check's small "ragged" shapes, one round, torch.compile with the eager backend
 (no C++ compiled). Peak memory is compared at the benchmark shapes only (tiny shapes say nothing about it).
 Cost: one subprocess, ~15 s on 2 loaded cores (imports and the profiler)."""
@@ -14,16 +15,17 @@ from vitfast import ops
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_dino_loss_and_nn_topk_benchmark_rows(tmp_path):
+def test_dino_loss_nn_topk_and_self_attention_benchmark_rows(tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, "benchmarks/run.py", "--ops", "dino_loss,nn_topk", "--shapes", "ragged",
+    result = subprocess.run([sys.executable, "benchmarks/run.py", "--ops", "dino_loss,nn_topk,self_attention", "--shapes", "ragged",
                              "--rounds", "1", "--no-gemm", "--compile-backend", "eager", "--note", "test", "--out",
                              str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "bench.json").read_text())
     wanted = ("triton", "cuda") if torch.cuda.is_available() else ("cpu",)
     unfused = {"dino_loss": ["eager reference", "torch.compile(reference)"],
-               "nn_topk": ["eager matmul + masked_fill + topk", "torch.compile(matmul + masked_fill + topk)"]}
+               "nn_topk": ["eager matmul + masked_fill + topk", "torch.compile(matmul + masked_fill + topk)"],
+               "self_attention": ["eager SDPA as timm calls it", "torch.compile(SDPA as timm calls it)"]}
     for op, others in unfused.items():
         fused = [f"vitfast-{b}" for b in wanted if b in ops.available_backends(op)]
         shapes = sorted({r["shape"] for r in rows if r["op"] == op})
