@@ -9,6 +9,8 @@ A step is forward, backward and the AdamW step. Rows:
 - ``vitfast fp32``, ``vitfast fp32 + compile`` (every transformer block compiled, as ``train.py --compile``),
   ``vitfast bf16`` (autocast, as ``--precision bf16``), ``vitfast bf16 + compile``: the vitfast method itself, with
   its fused ops and its on-device augmentation inside the step;
+- ``vitfast fp32, SDPA attention``: the same with ``attn_impl="sdpa"`` instead of the default ``"auto"`` (which on a
+  CPU takes the fused ``vitfast.ops.self_attention``): what the fused attention contributes to the step;
 - ``timm + formulas fp32`` and ``timm + formulas bf16 autocast``: timm's ViT blocks and patch embedding with the
   papers' formulas written out in PyTorch (MAE: random masking by argsort of noise, decoder with mask tokens,
   patchify + per-patch normalisation + MSE over the masked patches; RelViT: the [B, 9, N, N] relation logits
@@ -39,7 +41,7 @@ from vitfast.config import build_config, stage_config  # noqa: E402
 from vitfast.gpu_check import measure  # noqa: E402
 from vitfast.machine import cpu_bf16_hardware, describe  # noqa: E402
 from vitfast.methods import DataInfo, get_method  # noqa: E402
-from vitfast.nn.vit import Block  # noqa: E402
+from vitfast.nn.vit import Attention, Block  # noqa: E402
 from vitfast.ops.relation_loss import DIRECTION_CLASSES, relation_logits, relation_targets  # noqa: E402
 
 DATA = dict(channels=3, num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))  # CIFAR-10
@@ -165,12 +167,15 @@ def _adamw_step(module: nn.Module, loss_of, precision: str, device: torch.device
 
 
 def vitfast_step(method_name: str, stage: str, image_size: int, batch: int, vit: dict, precision: str,
-                 compile_backend, device, **settings):
+                 compile_backend, device, attn_impl: str = "auto", **settings):
     config = build_config(method_name, "paper", batch_size=batch, accum_steps=1, metrics="", stage=stage or None,
                           **vit, **settings)
     config = stage_config(config, stage) if stage else config  # the stage's own values, as train.py runs it
     torch.manual_seed(0)
     method = get_method(method_name)(config, DataInfo(image_size=image_size, **DATA)).to(device).train()
+    for module in method.modules():
+        if isinstance(module, Attention):
+            module.set_attn_impl(attn_impl)
     if compile_backend:
         compile_blocks(method, compile_backend)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -189,8 +194,27 @@ def timm_step(model: nn.Module, image_size: int, batch: int, precision: str, com
     return _adamw_step(model, lambda: model(images), precision, device)
 
 
+def _count_cpu_sdpa_flops() -> None:
+    """torch.utils.flop_counter counts SDPA's GPU kernels but not its CPU flash kernel (0 FLOPs): count it by the same
+    formulas, so that a CPU step through SDPA and one through vitfast.ops.self_attention (which registers them) count
+    the same attention FLOPs."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query_shape, key_shape, value_shape, *args, **kwargs):
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def step_flops(step) -> int:
     from torch.utils.flop_counter import FlopCounterMode
+    _count_cpu_sdpa_flops()
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
@@ -231,13 +255,14 @@ def run(args) -> list:
     rows = []
     for step_name, shape, size, batch, vitfast_kwargs, timm_model in cases(args.smoke):
         flops = {}
-        variants = [("vitfast", "fp32", None), ("vitfast", "fp32", args.compile_backend),
-                    ("vitfast", "bf16", None), ("vitfast", "bf16", args.compile_backend),
-                    ("timm + formulas", "fp32", None), ("timm + formulas", "bf16", None)]
+        variants = [("vitfast", "fp32", None, "auto"), ("vitfast", "fp32", args.compile_backend, "auto"),
+                    ("vitfast", "bf16", None, "auto"), ("vitfast", "bf16", args.compile_backend, "auto"),
+                    ("timm + formulas", "fp32", None, None), ("timm + formulas", "bf16", None, None),
+                    ("vitfast", "fp32", None, "sdpa")]
         base = None
-        for who, precision, backend in variants:
+        for who, precision, backend, attn_impl in variants:
             label = f"{who} {precision}" + (" autocast" if who != "vitfast" and precision == "bf16" else "") + \
-                (" + compile" if backend else "")
+                (" + compile" if backend else "") + (", SDPA attention" if attn_impl == "sdpa" else "")
             row = dict(step=step_name, shape=shape, implementation=label, precision=precision,
                        gemm_peak_gflops=round(peaks[precision], 1))
             if who != "vitfast" and timm_missing():
@@ -249,7 +274,7 @@ def run(args) -> list:
                 continue
             if who == "vitfast":
                 step = vitfast_step(**vitfast_kwargs, image_size=size, batch=batch, precision=precision,
-                                    compile_backend=backend, device=device)
+                                    compile_backend=backend, device=device, attn_impl=attn_impl)
             else:
                 step = timm_step(timm_model(), size, batch, precision, backend, device)
             if backend is None:

@@ -30,7 +30,7 @@ def test_train_step_benchmark_rows(tmp_path):
         group = [r for r in rows if (r["step"], r["shape"]) == step]
         assert [r["implementation"] for r in group] == [
             "vitfast fp32", "vitfast fp32 + compile", "vitfast bf16", "vitfast bf16 + compile",
-            "timm + formulas fp32", "timm + formulas bf16 autocast"], group
+            "timm + formulas fp32", "timm + formulas bf16 autocast", "vitfast fp32, SDPA attention"], group
         for r in group:
             if r["precision"] == "bf16" and not bf16_runs:
                 assert "no bf16 hardware" in r["skipped"] and "GFLOP/s" in r["skipped"], r
