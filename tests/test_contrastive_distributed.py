@@ -3,9 +3,9 @@ ranks) and the gradients (each rank backward loss / world, as DDP averages) of 1
 and every backend that runs on the CPU here; a gather without the all-reduce in its backward fails that comparison;
 gather_rows_with_grad on its own and its unequal-rows error; gradient caching over micro-batches on 2 ranks.
 
-One spawn of 2 processes serves the whole module (about 25 s of CPU on 2 cores, most of it starting and importing
-torch in the two processes); collectives time out after 120 s and the processes are killed after 300 s, so a hang
-fails instead of blocking CI.
+One spawn of 2 processes serves the whole module and the other distributed test modules (tests/_ranks.py: ~8 s on 2
+cores for all three, most of it starting and importing torch in the two processes); collectives time out after 120 s
+and the processes are killed after 300 s per module, so a hang fails instead of blocking CI.
 """
 import importlib
 import os
@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from _ranks import normwise, spawn_ranks  # tests/_ranks.py: the spawn harness
+from _ranks import normwise, share, spawn_ranks  # tests/_ranks.py: the spawn harness
 
 WORLD, BATCH, DIM = 2, 6, 5  # BATCH rows in all, BATCH / WORLD per rank
 MODES = ("diagonal", "ntxent", "labels", "labels1")
@@ -154,9 +154,12 @@ def _worker(rank, port, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+share(_worker, WORLD)  # one spawn runs the workers of every distributed test module
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """The results of both ranks (one spawn for the module)."""
+    """The results of both ranks (one spawn, shared by the distributed test modules)."""
     return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("contrastive_ranks")))
 
 

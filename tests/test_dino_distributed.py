@@ -3,8 +3,9 @@ features (rows in rank order) and of the prototypes (summed over ranks of d(loss
 centre after the update of 1 process x B, over two steps (the second step's loss uses the all-reduced centre), for
 the torch and the C++ CPU backends (when built); a centre update without the all-reduce fails that comparison.
 
-One spawn of 2 processes serves the module (about 15 s of CPU on 2 cores, most of it starting the processes and
-importing torch); collectives time out after 120 s and the processes are killed after 300 s, so a hang fails.
+One spawn of 2 processes serves the module, shared with the other distributed test modules (tests/_ranks.py: ~8 s on
+2 cores for all three, most of it starting the processes and importing torch); collectives time out after 120 s and
+the processes are killed after 300 s per module, so a hang fails.
 """
 import os
 import traceback
@@ -12,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from _ranks import normwise, spawn_ranks  # tests/_ranks.py: the spawn harness
+from _ranks import normwise, share, spawn_ranks  # tests/_ranks.py: the spawn harness
 
 WORLD, BATCH, DIM, K = 2, 6, 5, 9  # BATCH images in all, BATCH / WORLD per rank
 N_STUDENT, N_TEACHER = 4, 2
@@ -84,9 +85,12 @@ def _worker(rank, port, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+share(_worker, WORLD)  # one spawn runs the workers of every distributed test module
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """The results of both ranks (one spawn for the module)."""
+    """The results of both ranks (one spawn, shared by the distributed test modules)."""
     return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("dino_ranks")))
 
 

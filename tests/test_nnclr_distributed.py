@@ -8,7 +8,8 @@ order).
 
 The heads here have no BatchNorm: MAE-CT's BatchNorms are per process under DDP (no SyncBatchNorm), which no
 gathered loss can make equal to one process (docs/methods.md §6.3). One spawn of 2 processes serves the module
-(about 20 s on 2 cores, mostly starting torch); collectives time out after 120 s, the processes are killed after 300 s.
+and the other distributed test modules (tests/_ranks.py: ~8 s on 2 cores for all three, mostly starting torch);
+collectives time out after 120 s, the processes are killed after 300 s per module.
 """
 import os
 import traceback
@@ -16,7 +17,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from _ranks import normwise, spawn_ranks  # tests/_ranks.py: the spawn harness
+from _ranks import normwise, share, spawn_ranks  # tests/_ranks.py: the spawn harness
 
 WORLD, BATCH, FEATURES, DIM, QUEUE, STEPS = 2, 8, 6, 4, 20, 4  # BATCH images per step in all, BATCH / WORLD per rank
 TOLERANCE = 1e-5  # normwise, fp32: the sums run in other orders on 2 ranks than on 1
@@ -93,9 +94,12 @@ def _worker(rank, port, out_dir):
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+share(_worker, WORLD)  # one spawn runs the workers of every distributed test module
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """The results of both ranks (one spawn for the module)."""
+    """The results of both ranks (one spawn, shared by the distributed test modules)."""
     return spawn_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("nnclr_ranks")))
 
 
