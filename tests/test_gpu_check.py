@@ -1,8 +1,10 @@
 """``python -m vitfast.gpu_check --smoke`` runs (so the first GPU session's command cannot rot) and fails loudly.
 
-Cost: one smoke run in a subprocess (~40-60 s on 2 loaded cores: Triton interpreter on the ragged shapes) and one
-narrowed run with a corrupted reference (~15 s).
+Cost: one smoke run of the real command in a subprocess (~40-60 s on 2 loaded cores: Triton interpreter on the ragged
+shapes), started in the background when the module starts so that the other tests here run meanwhile (the tests that
+read its report come last), and one narrowed run in this process with a corrupted reference (~3 s).
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,69 +21,54 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TRITON_INTERPRET": "1"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def smoke_run(request, tmp_path_factory):
+    """The smoke command, started at once when a selected test of this module reads its report (None otherwise)."""
+    module = request.node
+    if not any(item.module is module.obj and "smoke_report" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("gpu_check")
+    with open(folder / "smoke.log", "w") as log:  # a file, not a pipe: nobody reads a pipe while it runs
+        process = subprocess.Popen([sys.executable, "-m", "vitfast.gpu_check", "--smoke", "--out",
+                                    str(folder / "smoke.json")], cwd=REPO, env=ENV, stdout=log, stderr=log)
+    yield process, folder
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check") / "smoke.json"
-    result = subprocess.run([sys.executable, "-m", "vitfast.gpu_check", "--smoke", "--out", str(out)], cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+def smoke_report(smoke_run):
+    process, folder = smoke_run
+    code = process.wait(timeout=600)
+    assert code == 0, (folder / "smoke.log").read_text()[-6000:]
+    return json.loads((folder / "smoke.json").read_text())
 
 
-def test_smoke_report_covers_every_op_backend_dtype(smoke_report):
-    report = smoke_report
-    assert report["ok"] and report["failures"] == [] and report["smoke"]
-    rows = report["sections"]["accuracy"]
-    for op in OPS:
-        case = CASES[op]
-        ran = [r for r in rows if r["op"] == op and r["ok"] is True]
-        assert {r["backend"] for r in ran} >= {"triton"}, op
-        assert {r["dtype"] for r in ran if r["backend"] == "triton"} >= {"fp32", "fp16"}, op
-        for r in ran:  # the output and every gradient were compared, each within its tolerance
-            assert set(r["tensors"]) == {"output"} | {f"d_{n}" for n in case.grads}, (op, r["tensors"].keys())
-            assert all(0 <= t["ratio"] <= 1 for t in r["tensors"].values()), r
-    # bf16 runs on the Triton path too, also under the interpreter (vitfast.triton_interpreter mends its bf16)
-    for op in OPS:
-        assert any(r["op"] == op and r["backend"] == "triton" and r["dtype"] == "bf16" and r["ok"] for r in rows), op
-    assert [r for r in rows if r["ok"] is None] == []  # nothing skipped: every backend takes fp32/fp16/bf16
+def test_a_wrong_result_makes_it_exit_nonzero(tmp_path, monkeypatch, capsys):
+    """A reference off by 1 % (a stand-in for a wrong kernel) must fail the run with exit code 1 (main() in this
+    process, as ``python -m vitfast.gpu_check`` calls it; TRITON_INTERPRET is set here as in the command)."""
+    from vitfast import gpu_check
+    from vitfast.gpu_check import cases
+
     if not torch.cuda.is_available():
-        assert any("cuda backend" in s for s in report["skipped"])
-
-
-def test_smoke_report_repeatability_limits_timing(smoke_report):
-    sections = smoke_report["sections"]
-    assert {r["op"] for r in sections["repeatability"] if r["ok"] and r["differing"] == []} == set(OPS)
-    limits = sections["limits"]
-    assert limits and all(r["ok"] and r["proves_limit"] is False for r in limits)
-    assert any("outside the tail" in name for r in limits for name in r["tensors"])
-    timing = sections["timing"]
-    assert {r["op"] for r in timing} == set(OPS)
-    for op in OPS:
-        names = {r["implementation"] for r in timing if r["op"] == op}
-        fused = "vitfast-triton" if torch.cuda.is_available() else "vitfast-cpu"
-        assert {"eager reference", "torch.compile(reference)", fused} <= names, names
-    for r in timing:
-        assert "error" not in r and r["median_ms"] > 0 and r["floor_bytes"] > 0, r
-        assert isinstance(r["peak_above_floor_bytes"], int)
-
-
-def test_a_wrong_result_makes_it_exit_nonzero(tmp_path):
-    """A reference off by 1 % (a stand-in for a wrong kernel) must fail the run with exit code 1."""
+        assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py: main() runs here, not in a child
+    saved = dict(cases.CASES)  # run() narrows CASES in place to --ops: put every case back afterwards
+    case = cases.CASES["masked_pixel_loss"]
+    wrong = lambda x, ref=case.reference: ref(x) * 1.01  # noqa: E731
+    monkeypatch.setitem(cases.CASES, "masked_pixel_loss", dataclasses.replace(case, reference=wrong))
     out = tmp_path / "fault.json"
-    script = (
-        "import sys, dataclasses\n"
-        "from vitfast.gpu_check import cases, main\n"
-        "case = cases.CASES['masked_pixel_loss']\n"
-        "wrong = lambda x, ref=case.reference: ref(x) * 1.01\n"
-        "cases.CASES['masked_pixel_loss'] = dataclasses.replace(case, reference=wrong)\n"
-        f"sys.exit(main(['--smoke', '--ops', 'masked_pixel_loss', '--sections', 'accuracy', '--out', {str(out)!r}]))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    try:
+        code = gpu_check.main(["--smoke", "--ops", "masked_pixel_loss", "--sections", "accuracy", "--out", str(out)])
+    finally:
+        cases.CASES.clear()
+        cases.CASES.update(saved)
+    assert code == 1, capsys.readouterr()
     report = json.loads(out.read_text())
     assert not report["ok"] and report["failures"]
     assert all(r["op"] == "masked_pixel_loss" and r["tensors"]["output"]["ratio"] > 1 for r in report["failures"])
+    assert "FAILED" in capsys.readouterr().err
 
 
 def test_compare_tolerances():
@@ -135,3 +122,41 @@ def test_benchmark_harness_writes_csv_and_json(tmp_path):
     assert rows[0]["peak_above_floor_mib"] < rows[-2]["peak_above_floor_mib"]
     header = (tmp_path / "bench.csv").read_text().splitlines()[0]
     assert header.startswith("op,shape,dtype,implementation,device,min_ms,median_ms")
+
+
+# The tests that read the smoke report come last: the other tests above run while it is made.
+def test_smoke_report_covers_every_op_backend_dtype(smoke_report):
+    report = smoke_report
+    assert report["ok"] and report["failures"] == [] and report["smoke"]
+    rows = report["sections"]["accuracy"]
+    for op in OPS:
+        case = CASES[op]
+        ran = [r for r in rows if r["op"] == op and r["ok"] is True]
+        assert {r["backend"] for r in ran} >= {"triton"}, op
+        assert {r["dtype"] for r in ran if r["backend"] == "triton"} >= {"fp32", "fp16"}, op
+        for r in ran:  # the output and every gradient were compared, each within its tolerance
+            assert set(r["tensors"]) == {"output"} | {f"d_{n}" for n in case.grads}, (op, r["tensors"].keys())
+            assert all(0 <= t["ratio"] <= 1 for t in r["tensors"].values()), r
+    # bf16 runs on the Triton path too, also under the interpreter (vitfast.triton_interpreter mends its bf16)
+    for op in OPS:
+        assert any(r["op"] == op and r["backend"] == "triton" and r["dtype"] == "bf16" and r["ok"] for r in rows), op
+    assert [r for r in rows if r["ok"] is None] == []  # nothing skipped: every backend takes fp32/fp16/bf16
+    if not torch.cuda.is_available():
+        assert any("cuda backend" in s for s in report["skipped"])
+
+
+def test_smoke_report_repeatability_limits_timing(smoke_report):
+    sections = smoke_report["sections"]
+    assert {r["op"] for r in sections["repeatability"] if r["ok"] and r["differing"] == []} == set(OPS)
+    limits = sections["limits"]
+    assert limits and all(r["ok"] and r["proves_limit"] is False for r in limits)
+    assert any("outside the tail" in name for r in limits for name in r["tensors"])
+    timing = sections["timing"]
+    assert {r["op"] for r in timing} == set(OPS)
+    for op in OPS:
+        names = {r["implementation"] for r in timing if r["op"] == op}
+        fused = "vitfast-triton" if torch.cuda.is_available() else "vitfast-cpu"
+        assert {"eager reference", "torch.compile(reference)", fused} <= names, names
+    for r in timing:
+        assert "error" not in r and r["median_ms"] > 0 and r["floor_bytes"] > 0, r
+        assert isinstance(r["peak_above_floor_bytes"], int)
