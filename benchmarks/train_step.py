@@ -4,6 +4,7 @@ formulas), images/s, peak memory and achieved GFLOP/s beside the machine's GEMM 
     python benchmarks/train_step.py                 # MAE (B256, 32 px) and RelViT upstream (B64, N64 and N196)
     python benchmarks/train_step.py --methods       # also one quick-preset step of every method, eager vs --compile
     python benchmarks/train_step.py --smoke --compile-backend eager   # tiny shapes: checks that every row runs
+    python benchmarks/train_step.py --interleaved   # fp32 vitfast / vitfast with SDPA attention / timm, alternating
 
 A step is forward, backward and the AdamW step. Rows:
 - ``vitfast fp32``, ``vitfast fp32 + compile`` (every transformer block compiled, as ``train.py --compile``),
@@ -18,6 +19,9 @@ A step is forward, backward and the AdamW step. Rows:
   this favours the timm rows).
 bf16 rows run where the hardware multiplies bf16 (a CUDA GPU, or a CPU with AMX or AVX-512 BF16); on other CPUs they
 are listed as skipped with the bf16 GEMM rate measured in the same run, which says why.
+``--interleaved`` times the three fp32 steps round by round in alternating order instead of row after row, so that the
+slow drift of a shared machine (seen here: the GEMM rate moving by 20 % between runs minutes apart) hits all three
+alike; vs_vitfast_fp32 is then the median of the per-round ratios.
 GFLOP/s: the FLOPs of one eager step counted by torch.utils.flop_counter (matmuls, convolutions, attention; the fused
 ops' own FLOPs are not counted), over the median step time; the GEMM rows give the machine's peak per dtype.
 """
@@ -27,6 +31,7 @@ import csv
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -293,6 +298,37 @@ def run(args) -> list:
     return rows
 
 
+def interleaved_rows(args) -> list:
+    """fp32 vitfast, vitfast with SDPA attention and timm + formulas, one step of each per round, in alternating
+    order: per implementation min and median, and the median over rounds of its time / vitfast's."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for step_name, shape, size, batch, vitfast_kwargs, timm_model in cases(args.smoke):
+        steps = {"vitfast fp32": vitfast_step(**vitfast_kwargs, image_size=size, batch=batch, precision="fp32",
+                                              compile_backend=None, device=device),
+                 "vitfast fp32, SDPA attention": vitfast_step(**vitfast_kwargs, image_size=size, batch=batch,
+                                                              precision="fp32", compile_backend=None, device=device,
+                                                              attn_impl="sdpa")}
+        if not timm_missing():
+            steps["timm + formulas fp32"] = timm_step(timm_model(), size, batch, "fp32", None, device)
+        for step in steps.values():
+            measure.time_ms(step, device, 1, warmup=0 if args.smoke else 2)
+        times = {name: [] for name in steps}
+        for r in range(1 if args.smoke else args.rounds):
+            for name in (steps if r % 2 == 0 else reversed(steps)):
+                times[name] += measure.time_ms(steps[name], device, 1, warmup=0)
+        base = times["vitfast fp32"]
+        for name, samples in times.items():
+            ratio = statistics.median(t / b for t, b in zip(samples, base))
+            stats = measure.summary(samples)
+            rows.append(dict(step=step_name, shape=shape, implementation=name + " (interleaved)", precision="fp32",
+                             **{k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()},
+                             images_per_s=round(batch / stats["median_ms"] * 1e3, 1),
+                             vs_vitfast_fp32=round(ratio, 2)))
+            print(markdown(rows[-1:], header=len(rows) == 1), flush=True)
+    return rows
+
+
 def smoke_settings(cls) -> dict:
     own = {f.name for f in dataclasses.fields(cls.Config)}
     return {**SMOKE_VIT, **{k: v for k, v in dict(decoder_dim=24, decoder_depth=1, decoder_heads=2).items() if k in own}}
@@ -353,8 +389,11 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="?", const="all", default="", help="also one quick-preset step of every "
                         "method (or of these, comma-separated), eager vs compiled blocks")
     parser.add_argument("--out", default=None, help="path prefix of the .csv and .json files")
+    parser.add_argument("--interleaved", action="store_true", help="only the fp32 vitfast, vitfast with SDPA "
+                        "attention and timm steps, alternating round by round (--rounds rounds)")
     args = parser.parse_args(argv)
-    rows = run(args) + (method_rows(args) if args.methods else [])
+    rows = interleaved_rows(args) if args.interleaved else run(args)
+    rows += method_rows(args) if args.methods else []
     stamp, machine = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), describe()
     for row in rows:
         row.update(machine=machine, torch_threads=torch.get_num_threads(), date_utc=stamp)

@@ -44,3 +44,18 @@ def test_train_step_benchmark_rows(tmp_path):
     assert [r["implementation"] for r in quick] == ["vitfast fp32", "vitfast fp32 + compile"], quick
     assert all(r["median_ms"] > 0 for r in quick)
     assert "| MAE |" in result.stdout and "machine:" in result.stdout
+
+
+def test_interleaved_rows(tmp_path):
+    """--interleaved: the three fp32 steps alternate round by round; one row each with the per-round ratio. In this
+    process (no start-up cost), smoke shapes."""
+    pytest.importorskip("timm")
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import train_step
+    assert train_step.main(["--smoke", "--interleaved", "--out", str(tmp_path / "ab")]) == 0
+    rows = json.loads((tmp_path / "ab.json").read_text())
+    assert [r["implementation"] for r in rows[:3]] == ["vitfast fp32 (interleaved)",
+                                                       "vitfast fp32, SDPA attention (interleaved)",
+                                                       "timm + formulas fp32 (interleaved)"]
+    assert len(rows) == 9 and rows[0]["vs_vitfast_fp32"] == 1.0
+    assert all(r["median_ms"] > 0 and r["vs_vitfast_fp32"] > 0 for r in rows)

@@ -187,34 +187,54 @@ def test_autocast_bf16_on_cpu(assert_close):
 
 # ---- the ViT's attention module: which implementation runs ----
 
-def _attention(attn_impl, attn_drop=0.0):
+def _attention(attn_impl, attn_drop=0.0, dtype=F32):
     torch.manual_seed(0)
-    return Attention(32, 4, attn_drop=attn_drop, attn_impl=attn_impl).double()
+    return Attention(32, 4, attn_drop=attn_drop, attn_impl=attn_impl).to(dtype)
+
+
+def _qkv(tokens, dtype=F32):
+    return torch.randn(2, tokens, 96).to(dtype)
 
 
 @needs_cpu
 def test_vit_auto_uses_the_fused_op_on_cpu_and_matches_sdpa(assert_close):
-    x = torch.randn(3, 17, 32, dtype=F64)
+    x = torch.randn(3, 17, 32)
     auto, sdpa = _attention("auto"), _attention("sdpa")
-    assert auto.uses_fused_op(x) and not sdpa.uses_fused_op(x)
+    assert auto.uses_fused_op(_qkv(17)) and not sdpa.uses_fused_op(_qkv(17))
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     a, b = auto(x1), sdpa(x2)
     a.sum().backward(), b.sum().backward()
-    assert_close(a, b, F64, "cpu/module")
-    assert_close(x1.grad, x2.grad, F64, "cpu/module")
+    assert_close(a, b, F32, "cpu/module")
+    assert_close(x1.grad, x2.grad, F32, "cpu/module")
     for (name, p), q in zip(auto.named_parameters(), sdpa.parameters()):
-        assert_close(p.grad, q.grad, F64, f"cpu/{name}")
+        assert_close(p.grad, q.grad, F32, f"cpu/{name}")
 
 
-def test_vit_auto_takes_sdpa_where_the_fused_op_does_not_apply():
-    long = torch.randn(1, FUSED_MAX_TOKENS + 1, 32, dtype=F64)
-    assert not _attention("auto").uses_fused_op(long)
+@needs_cpu
+def test_vit_auto_picks_by_dtype_and_length_as_measured():
+    """fp32 up to FUSED_MAX_TOKENS[fp32], bf16 / fp16 up to theirs (SDPA's bf16 backward is the slow one on a CPU),
+    fp64 never; attention dropout in training and GPU tensors take SDPA."""
+    auto = _attention("auto")
+    for dtype, limit in FUSED_MAX_TOKENS.items():
+        assert auto.uses_fused_op(_qkv(limit, dtype)) and not auto.uses_fused_op(_qkv(limit + 1, dtype))
+    assert FUSED_MAX_TOKENS[BF16] > FUSED_MAX_TOKENS[F32]
+    assert not auto.uses_fused_op(_qkv(17, F64))
     dropout = _attention("auto", attn_drop=0.1)
-    x = torch.randn(2, 5, 32, dtype=F64)
-    assert not dropout.train().uses_fused_op(x)  # attention dropout in training: SDPA
-    assert dropout.eval().uses_fused_op(x) == CPU_BUILT  # no dropout in eval
+    assert not dropout.train().uses_fused_op(_qkv(5))  # attention dropout in training: SDPA
+    assert dropout.eval().uses_fused_op(_qkv(5))  # no dropout in eval
+    assert _attention("vitfast").uses_fused_op(_qkv(5000, F64))  # asked for explicitly
     with pytest.raises(ValueError, match='attn_impl="vitfast" has no attention dropout'):
         _attention("vitfast", attn_drop=0.1)
+
+
+def test_vit_under_autocast_decides_on_the_projection_dtype(monkeypatch):
+    """Under bf16 autocast the qkv projection's output is bf16: the bf16 limit applies, not fp32's."""
+    auto = _attention("auto")
+    seen = []
+    monkeypatch.setattr(auto, "uses_fused_op", lambda qkv: seen.append(qkv.dtype) or False)
+    with torch.autocast("cpu", dtype=BF16):
+        auto(torch.randn(2, 5, 32))
+    assert seen == [BF16]
 
 
 # ---- argument errors name the argument, the expectation and what arrived ----

@@ -30,8 +30,8 @@ then resampled (DINO's bicubic with its +0.1 quirk by default, `pos_embed_resamp
 
 Attention, `attn_impl`:
 - "auto" (default): vitfast.ops.self_attention (the fused CPU op: no head split / merge copies, fp32 GEMMs and
-  softmax for fp16 / bf16 storage) on CPU tensors with up to FUSED_MAX_TOKENS tokens and no attention dropout, where
-  it measured faster than SDPA (benchmarks/results, `python benchmarks/run.py --ops self_attention`); "sdpa" otherwise;
+  softmax for fp16 / bf16 storage) on CPU tensors of the dtypes and lengths where it measured faster than SDPA
+  (FUSED_MAX_TOKENS) and without attention dropout in training; "sdpa" otherwise;
 - "sdpa": F.scaled_dot_product_attention (FlashAttention-2 / memory-efficient kernels on GPU);
 - "vitfast": vitfast.ops.self_attention always (attention dropout is not supported there: a ValueError);
 - "xformers": xformers.ops.memory_efficient_attention (must be installed);
@@ -62,10 +62,11 @@ ImageSize = Union[int, Sequence[int]]
 
 POS_EMBED_KINDS = ("learned", "sincos", "none")
 ATTN_IMPLS = ("auto", "sdpa", "vitfast", "xformers", "math")
-# "auto" takes the fused CPU op up to this many tokens. Measured fwd + bwd against SDPA on a 2-core AMD EPYC (AVX2):
-# faster from N = 17 to 577 in fp32 (1.2-1.7x) and bf16 (2.6-3.4x), slower in fp32 from N ~ 1000 (whole score rows
-# per (b, h) leave the caches); benchmarks/results/ has the runs.
-FUSED_MAX_TOKENS = 640
+# "auto" takes the fused CPU op for these dtypes of the qkv projection up to this many tokens (fp64: SDPA). Forward +
+# backward against SDPA as timm calls it, quiet 2-core AMD EPYC (AVX2), 2026-12-02 (README, Benchmarks): fp32 1.05-1.42x
+# faster from N = 17 to 577, 0.75x at 785, 0.47x at 1025 (whole score rows per (b, h) leave the caches); bf16 2.4-5.4x
+# faster from 17 to 1025 (PyTorch's bf16 CPU flash backward is slow), fp16 4.8-6.0x from 197 to 1025.
+FUSED_MAX_TOKENS = {torch.float32: 600, torch.bfloat16: 1025, torch.float16: 1025}
 GLOBAL_POOLS = ("token", "avg")
 WEIGHT_INITS = ("timm", "mae")
 LAYER_NORM_EPS = 1e-6
@@ -182,18 +183,18 @@ class Attention(nn.Module):
         self._fused_cpu_built = _SELF_ATTENTION.runs_on("cpu", torch.device("cpu"))  # vitfast._C has the kernel
         self.attn_impl = attn_impl
 
-    def uses_fused_op(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) runs vitfast.ops.self_attention (see the module doc's attn_impl)."""
+    def uses_fused_op(self, qkv: torch.Tensor) -> bool:
+        """Whether forward runs vitfast.ops.self_attention on this qkv projection output [B, N, 3 D] (module doc)."""
         if self.attn_impl == "vitfast":
             return True
-        return (self.attn_impl == "auto" and x.device.type == "cpu" and x.shape[1] <= FUSED_MAX_TOKENS
-                and not (self.training and self.attn_drop > 0) and self._fused_cpu_built)
+        return (self.attn_impl == "auto" and qkv.device.type == "cpu" and self._fused_cpu_built
+                and qkv.shape[1] <= FUSED_MAX_TOKENS.get(qkv.dtype, 0) and not (self.training and self.attn_drop > 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         dropout_p = self.attn_drop if self.training else 0.0
-        qkv = self.qkv(x)
-        if self.uses_fused_op(x):  # [B, N, 3 D] -> [B, N, D], heads split and merged in place
+        qkv = self.qkv(x)  # under autocast already in its dtype
+        if self.uses_fused_op(qkv):  # [B, N, 3 D] -> [B, N, D], heads split and merged in place
             return self.proj_drop(self.proj(ops.self_attention(qkv, self.num_heads, self.scale)))
         qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)
         if self.attn_impl == "xformers":
