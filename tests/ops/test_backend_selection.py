@@ -241,3 +241,23 @@ def test_no_kernel_module_imports_vitfast_ops():
     assert sources, KERNELS
     offenders = [path.name for path in sources if _imports_vitfast_ops(path.read_text())]
     assert offenders == [], f"kernels that import vitfast.ops: {offenders}"
+
+
+def test_select_carries_the_marker_that_torch_compile_reads():
+    """_backend marks _select as torch.compiler.assume_constant_result does, without importing torch._dynamo: the
+    attributes the public decorator sets are on _select with the same values (a torch that changes the marker fails
+    here; the fullgraph compile tests of every op would then fail too)."""
+    def probe():
+        return None
+
+    marker = dict(vars(torch.compiler.assume_constant_result(probe)))
+    assert marker and all(getattr(_backend._select, name, None) == value for name, value in marker.items())
+
+
+def test_import_vitfast_does_not_load_the_compiler():
+    """import vitfast leaves torch._dynamo unloaded (2 s of every train.py start and test subprocess)."""
+    import subprocess
+    import sys
+    code = "import sys, vitfast, vitfast.train; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stdout + result.stderr[-2000:]

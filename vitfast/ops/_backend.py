@@ -158,8 +158,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without its ``import torch._dynamo`` (2 s of every ``import vitfast``):
+    the same marker, which torch.compile reads when it traces the call. tests/ops/test_backend_selection.py checks that
+    it is what the public decorator sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Under torch.compile the choice is made once while tracing and baked into the graph.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _select(op_name: str, device_type: str, dtype: torch.dtype, requested: Optional[str]) -> str:
     table = _REGISTRY[op_name]
     device = torch.device(device_type)
