@@ -25,6 +25,7 @@ def test_bf16_run_matches_fp32_within_noise_and_keeps_fp32_state(tmp_path):
     assert abs(bf16_summary["knn_accuracy"] - fp32_summary["knn_accuracy"]) <= 0.08
     assert bf16_summary["final_train_loss"] != fp32_summary["final_train_loss"]  # bf16 really ran
     assert all(p.dtype == torch.float32 for p in bf16.method.parameters())  # master weights
+    assert bf16.optimizer.defaults["fused"] and fp32.optimizer.defaults["fused"]  # one AdamW kernel (engine.py)
     state = bf16.optimizer.state_dict()["state"]
     assert state and all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")
     assert isinstance(bf16_summary["final_train_loss"], float)

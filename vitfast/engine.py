@@ -228,7 +228,12 @@ class Trainer:
                                   rank=self.dist.rank, world_size=self.dist.world_size)
         self.generator = torch.Generator(self.device).manual_seed(c.seed * 1_000_003 + self.dist.rank)
         self.peak_lr = c.lr if c.lr is not None else c.base_lr * c.batch_size / 256  # batch_size is global
-        self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas))
+        # fused: one kernel over all parameters (CPU and CUDA). On the 2-core EPYC the default per-parameter loop took
+        # 17.7 ms per optimizer step for MAE's B256 model (144 tensors, 3.1 M values), the fused step 4.0 ms; the MAE
+        # quick preset's whole step went from 56.4 to 51.7 ms (interleaved). Same update rule and state dict keys, so
+        # checkpoints of either resume.
+        self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.peak_lr, betas=tuple(c.betas),
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
         self.method.steps_per_epoch = self.steps_per_epoch  # for the method's per-epoch schedules
