@@ -241,7 +241,8 @@ def test_vit_under_autocast_decides_on_the_projection_dtype(monkeypatch):
 
 @pytest.mark.parametrize("args, kwargs, message", [
     ((torch.randn(2, 5, 24, 1), 2), {}, "qkv must be float16/bfloat16/float32/float64 [B, N, 3D], got float32"),
-    ((torch.randn(2, 5, 20), 2), {}, "20 is not a multiple of 6"),
+    ((torch.randn(2, 5, 20), 2), {}, "20 is not a positive multiple of 6"),
+    ((torch.randn(2, 5, 0), 2), {}, "0 is not a positive multiple of 6"),
     ((torch.randint(0, 3, (2, 5, 24)), 2), {}, "qkv must be float16/bfloat16/float32/float64"),
     ((torch.randn(2, 5, 24), 0), {}, "num_heads must be a positive int, got 0"),
     ((torch.randn(2, 5, 24), 2.0), {}, "num_heads must be a positive int, got 2.0"),

@@ -160,9 +160,9 @@ def self_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, *
         check.fail(f"num_heads must be a positive int, got {num_heads!r}")
     qkv = check.tensor("qkv", qkv, ("B", "N", "3D"))
     width = qkv.shape[-1]
-    if width % (3 * num_heads):
+    if width % (3 * num_heads) or width == 0:
         check.fail(f"qkv must be [B, N, 3 * num_heads * head_dim] = [B, N, 3 * {num_heads} * head_dim], "
-                   f"got {describe(qkv)} ({width} is not a multiple of {3 * num_heads})")
+                   f"got {describe(qkv)} ({width} is not a positive multiple of {3 * num_heads})")
     head_dim = width // (3 * num_heads)
     if scale is None:
         scale = head_dim ** -0.5
