@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from vitfast import ops
 from vitfast.gpu_check.cases import OpCase
+from vitfast.ops.self_attention import _merge_heads, _split_heads
 
 # time_case's names of the two unfused rows -> what they are here
 LABELS = {"eager reference": "eager SDPA as timm calls it",
@@ -28,9 +29,8 @@ LABELS = {"eager reference": "eager SDPA as timm calls it",
 
 
 def sdpa_as_timm_calls_it(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch, tokens, width = qkv.shape
-    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width // 3)
+    """timm's reshape + permute (the op's reference split), SDPA, transpose + reshape back."""
+    return _merge_heads(F.scaled_dot_product_attention(*_split_heads(qkv, num_heads)))
 
 
 def _make(p, gen):

@@ -132,19 +132,19 @@ _self_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # torch.utils.flop_counter counts the op as it counts scaled_dot_product_attention: 2 matmuls forward, 5 backward
 # (the scores recomputed), 2 B H N^2 d each.
-def _matmul_flops(qkv_shape, num_heads: int) -> int:
+def _matmul_flops(qkv_shape) -> int:
     batch, tokens, width = qkv_shape
     return 2 * batch * tokens * tokens * (width // 3)  # B H N^2 d, H d = D
 
 
 @register_flop_formula(torch.ops.vitfast.self_attention)
 def _forward_flops(qkv_shape, num_heads, *args, **kwargs) -> int:
-    return 2 * _matmul_flops(qkv_shape, num_heads)
+    return 2 * _matmul_flops(qkv_shape)
 
 
 @register_flop_formula(torch.ops.vitfast.self_attention_backward)
 def _backward_flops(grad_out_shape, qkv_shape, lse_shape, num_heads, *args, **kwargs) -> int:
-    return 5 * _matmul_flops(qkv_shape, num_heads)
+    return 5 * _matmul_flops(qkv_shape)
 
 
 # ---- public function ----
